@@ -1,0 +1,356 @@
+//! Taking a snapshot: plan what to read from a [`Source`], cut it into
+//! chunks on a fixed grid, store them on all cores, and commit.
+//!
+//! The main thread reads windows of at most one chunk into a small pool of
+//! reusable buffers; worker threads find zero blocks, hash, compress and
+//! store. Memory is bounded by the pool, whatever the disk size.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+
+use crate::changes::ChangeList;
+use crate::error::{Error, Result};
+use crate::extent::{ByteRange, ExtentKind};
+use crate::image::{self, ChunkCache};
+use crate::image_map::{ImageMap, Segment};
+use crate::lock::{LockMode, RepoLock};
+use crate::name::{DiskName, Selector, SnapshotRef};
+use crate::repo::{NewSnapshot, Repository};
+use crate::snapshot::{SnapshotInfo, SnapshotKind};
+use crate::source::Source;
+
+/// Zero detection and the recorded granularity: QEMU's default cluster size.
+pub const GRANULARITY: u64 = 64 << 10;
+
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    pub disk: Option<DiskName>,
+    /// `None`: a full snapshot. Otherwise the ranges to read.
+    pub changes: Option<ChangeList>,
+    pub parent: Option<SnapshotRef>,
+    pub differential: bool,
+    pub label: String,
+    pub checkpoint: Option<String>,
+    pub bitmap: Option<String>,
+    pub time: Option<DateTime<Utc>>,
+    /// Percent (0..=100) of unchanged blocks to compare with the parent.
+    pub check_unchanged: f64,
+}
+
+/// Take a snapshot of `source` as `opts` says and commit it.
+pub fn backup(
+    repo: &Repository,
+    source: &dyn Source,
+    opts: &BackupOptions,
+) -> Result<SnapshotInfo> {
+    let disk = opts
+        .disk
+        .clone()
+        .ok_or_else(|| Error::invalid("a disk name is required"))?;
+    if !(0.0..=100.0).contains(&opts.check_unchanged) {
+        return Err(Error::invalid(format!(
+            "--check-unchanged must be between 0 and 100, not {}",
+            opts.check_unchanged
+        )));
+    }
+    let _lock = RepoLock::acquire(
+        repo.root(),
+        LockMode::Shared,
+        &format!("backup {disk}"),
+        true,
+    )?;
+    let size = source.size();
+    let (kind, parent, plan) = match &opts.changes {
+        None => {
+            if opts.differential || opts.parent.is_some() {
+                return Err(Error::invalid(
+                    "--parent and --differential need a change list (--changes or --bitmap)",
+                ));
+            }
+            (SnapshotKind::Full, None, source.allocation()?)
+        }
+        Some(changes) => {
+            changes.check(size).map_err(|m| {
+                Error::invalid(format!(
+                    "change list does not fit {}: {m}",
+                    source.describe()
+                ))
+            })?;
+            let parent_ref = opts.parent.clone().unwrap_or(SnapshotRef {
+                disk: disk.clone(),
+                selector: Selector::Latest,
+            });
+            if parent_ref.disk != disk {
+                return Err(Error::invalid(format!(
+                    "parent {parent_ref} belongs to another disk than {disk}"
+                )));
+            }
+            let parent = repo.resolve(&parent_ref).map_err(|e| match e {
+                Error::NoSnapshots(d) => Error::invalid(format!(
+                    "disk {d} has no snapshot to be the parent of an incremental; take a full backup first"
+                )),
+                e => e,
+            })?;
+            let kind = if opts.differential {
+                SnapshotKind::Differential
+            } else {
+                SnapshotKind::Incremental
+            };
+            check_unchanged(repo, source, &parent, changes, opts.check_unchanged)?;
+            (kind, Some(parent), changes.extents.clone())
+        }
+    };
+
+    let total: u64 = plan
+        .iter()
+        .filter(|e| e.kind == ExtentKind::Data)
+        .map(|e| e.length)
+        .sum();
+    let bar = crate::progress::bytes(total, &format!("backup {disk}"));
+    let mut segments = Vec::new();
+    let mut windows = Vec::new();
+    for e in &plan {
+        match e.kind {
+            ExtentKind::Zero => segments.push(Segment::zero(e.range())),
+            ExtentKind::Data => windows.extend(e.range().split_aligned(repo.config().chunk_size)),
+        }
+    }
+    let captured = capture(repo, source, &windows, &|n| bar.inc(n))?;
+    bar.finish_and_clear();
+    segments.extend(captured.segments);
+    let own = ImageMap::new(size, segments);
+    let info = repo.commit(NewSnapshot {
+        disk,
+        kind,
+        parent: parent.map(|p| p.id),
+        time: opts.time.unwrap_or_else(Utc::now),
+        granularity: GRANULARITY,
+        label: opts.label.clone(),
+        checkpoint: opts.checkpoint.clone(),
+        bitmap: opts.bitmap.clone(),
+        stored_bytes: captured.stored_bytes,
+        own,
+    })?;
+    log::info!(
+        "committed {} ({} bytes read, {} bytes stored)",
+        info.reference(),
+        total,
+        info.stored_bytes
+    );
+    Ok(info)
+}
+
+struct Captured {
+    segments: Vec<Segment>,
+    stored_bytes: u64,
+}
+
+/// Read `windows` (each inside one chunk cell) from `source` and store them.
+fn capture(
+    repo: &Repository,
+    source: &dyn Source,
+    windows: &[ByteRange],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Captured> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunk_size = repo.config().chunk_size as usize;
+    let (work_tx, work_rx) = sync_channel::<(ByteRange, Vec<u8>)>(workers * 2);
+    let work_rx = Mutex::new(work_rx);
+    let (free_tx, free_rx) = channel::<Vec<u8>>();
+    for _ in 0..workers * 3 {
+        free_tx.send(vec![0u8; chunk_size]).expect("receiver alive");
+    }
+    let results = Mutex::new(Vec::new());
+    let stored = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |e: Error| {
+        failed.store(true, Ordering::SeqCst);
+        first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+    };
+
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let free_tx = free_tx.clone();
+            s.spawn(|| {
+                let free_tx = free_tx;
+                loop {
+                    let item = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((range, buf)) = item else { break };
+                    if !failed.load(Ordering::SeqCst) {
+                        match store_window(repo, range, &buf[..range.length as usize]) {
+                            Ok((segs, n)) => {
+                                stored.fetch_add(n, Ordering::Relaxed);
+                                results
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .extend(segs);
+                                progress(range.length);
+                            }
+                            Err(e) => fail(e),
+                        }
+                    }
+                    let _ = free_tx.send(buf);
+                }
+            });
+        }
+        for range in windows {
+            if failed.load(Ordering::SeqCst) {
+                break;
+            }
+            let mut buf = free_rx.recv().expect("workers hold senders");
+            match source.read_exact_at(&mut buf[..range.length as usize], range.offset) {
+                Ok(()) => work_tx.send((*range, buf)).expect("workers alive"),
+                Err(e) => {
+                    fail(e);
+                    break;
+                }
+            }
+        }
+        drop(work_tx);
+    });
+
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(Captured {
+        segments: results.into_inner().unwrap_or_else(|p| p.into_inner()),
+        stored_bytes: stored.into_inner(),
+    })
+}
+
+/// Split one window into zero blocks and data runs; store each run as a chunk.
+fn store_window(repo: &Repository, range: ByteRange, data: &[u8]) -> Result<(Vec<Segment>, u64)> {
+    let mut segs: Vec<Segment> = Vec::new();
+    let mut stored = 0;
+    let mut run: Option<ByteRange> = None;
+    let mut flush = |run: &mut Option<ByteRange>, segs: &mut Vec<Segment>| -> Result<()> {
+        if let Some(r) = run.take() {
+            let start = (r.offset - range.offset) as usize;
+            let put = repo.chunks().put(&data[start..start + r.length as usize])?;
+            stored += put.stored;
+            segs.push(Segment::data(r, put.id, 0));
+        }
+        Ok(())
+    };
+    for block in range.split_aligned(GRANULARITY) {
+        let start = (block.offset - range.offset) as usize;
+        if is_zero(&data[start..start + block.length as usize]) {
+            flush(&mut run, &mut segs)?;
+            match segs.last_mut() {
+                Some(last)
+                    if last.kind() == ExtentKind::Zero && last.range.end() == block.offset =>
+                {
+                    last.range.length += block.length;
+                }
+                _ => segs.push(Segment::zero(block)),
+            }
+        } else {
+            run = Some(match run {
+                Some(r) => ByteRange::from_bounds(r.offset, block.end()),
+                None => block,
+            });
+        }
+    }
+    flush(&mut run, &mut segs)?;
+    Ok((segs, stored))
+}
+
+pub fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns; align_to handles the edges.
+    let (head, body, tail) = unsafe { buf.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Compare a sample of the blocks the change list calls unchanged with the
+/// parent's image: a lying bitmap must not produce a wrong snapshot.
+fn check_unchanged(
+    repo: &Repository,
+    source: &dyn Source,
+    parent: &SnapshotInfo,
+    changes: &ChangeList,
+    percent: f64,
+) -> Result<()> {
+    if percent <= 0.0 {
+        return Ok(());
+    }
+    let common = parent.size.min(source.size());
+    let map = repo.image_map(parent)?;
+    let cache = ChunkCache::new(8 << 20);
+    let mut rng = SplitMix(
+        Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64 ^ u64::from(std::process::id()),
+    );
+    let mut listed = changes.extents.iter().peekable();
+    let (mut ours, mut theirs) = (
+        vec![0u8; GRANULARITY as usize],
+        vec![0u8; GRANULARITY as usize],
+    );
+    let mut sampled = 0u64;
+    for block in ByteRange::new(0, common).split_aligned(GRANULARITY) {
+        while listed
+            .peek()
+            .is_some_and(|e| e.offset + e.length <= block.offset)
+        {
+            listed.next();
+        }
+        if listed.peek().is_some_and(|e| e.offset < block.end()) {
+            continue; // the block is (partly) listed as changed
+        }
+        if rng.next_f64() * 100.0 >= percent {
+            continue;
+        }
+        let n = block.length as usize;
+        source.read_exact_at(&mut ours[..n], block.offset)?;
+        image::read_at(&map, repo.chunks(), &cache, &mut theirs[..n], block.offset)?;
+        if ours[..n] != theirs[..n] {
+            return Err(Error::invalid(format!(
+                "the change list calls range {}+{} unchanged since {}, but it differs from it: \
+                 the bitmap is wrong or stale; take a full backup (or use --fallback-full)",
+                block.offset,
+                block.length,
+                parent.reference()
+            )));
+        }
+        sampled += 1;
+    }
+    log::debug!("check-unchanged: {sampled} blocks match the parent");
+    Ok(())
+}
+
+/// A small, good-enough PRNG for sampling (no need for a crate).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 1000];
+        assert!(is_zero(&v));
+        assert!(is_zero(&v[3..997]));
+        v[999] = 1;
+        assert!(!is_zero(&v));
+        assert!(is_zero(&v[..999]));
+    }
+}

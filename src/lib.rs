@@ -1,0 +1,21 @@
+//! strata: full and incremental backups of virtual-machine disks, read back
+//! as plain raw images. See `docs/ARCHITECTURE.md` for the map of the code.
+
+pub mod backup;
+pub mod catalog;
+pub mod changes;
+pub mod chunk;
+pub mod error;
+pub mod extent;
+pub mod image;
+pub mod image_map;
+pub mod lock;
+pub mod manifest;
+pub mod name;
+pub mod progress;
+pub mod repo;
+pub mod restore;
+pub mod snapshot;
+pub mod source;
+
+pub use error::{Error, Result};

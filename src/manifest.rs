@@ -1,0 +1,186 @@
+//! Per-snapshot manifest files: `manifests/<disk>/<id>.json`.
+//!
+//! A manifest holds everything the catalog row does except the resolved
+//! image map, which can be recomputed from the parents. It is the source for
+//! `repair --rebuild-catalog` (invariant 8).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::ChunkId;
+use crate::error::{Error, IoContext, Result};
+use crate::extent::{ByteRange, Extent, ExtentDoc, ExtentKind, EXTENTS_FORMAT};
+use crate::image_map::{ImageMap, Piece, Segment};
+use crate::name::{DiskName, SnapshotId};
+use crate::snapshot::{format_time, parse_time, SnapshotInfo, SnapshotKind};
+
+pub const MANIFEST_FORMAT: &str = "strata-manifest/1";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChunkEntry {
+    pub offset: u64,
+    pub length: u64,
+    pub hash: String,
+    /// Where in the chunk the range starts (non-zero after a rewrite by forget).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skip: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub disk: String,
+    pub snapshot: String,
+    pub time: String,
+    pub kind: SnapshotKind,
+    pub parent: Option<String>,
+    pub size: u64,
+    pub granularity: u64,
+    pub label: String,
+    pub checkpoint: Option<String>,
+    pub bitmap: Option<String>,
+    pub protected: bool,
+    pub stored_bytes: u64,
+    /// The snapshot's own extents (as in its extent JSON).
+    pub extents: Vec<Extent>,
+    /// The chunk behind every own data range.
+    pub chunks: Vec<ChunkEntry>,
+}
+
+impl Manifest {
+    pub fn new(info: &SnapshotInfo, own: &ImageMap) -> Self {
+        let chunks = own
+            .segments
+            .iter()
+            .filter_map(|s| match s.piece {
+                Piece::Data { chunk, skip } => Some(ChunkEntry {
+                    offset: s.range.offset,
+                    length: s.range.length,
+                    hash: chunk.to_hex(),
+                    skip,
+                }),
+                Piece::Zero => None,
+            })
+            .collect();
+        Manifest {
+            format: MANIFEST_FORMAT.to_string(),
+            disk: info.disk.to_string(),
+            snapshot: info.id.to_string(),
+            time: format_time(&info.time),
+            kind: info.kind,
+            parent: info.parent.as_ref().map(|p| p.to_string()),
+            size: info.size,
+            granularity: info.granularity,
+            label: info.label.clone(),
+            checkpoint: info.checkpoint.clone(),
+            bitmap: info.bitmap.clone(),
+            protected: info.protected,
+            stored_bytes: info.stored_bytes,
+            extents: own.extents(),
+            chunks,
+        }
+    }
+
+    /// The snapshot's metadata and own map, checked for consistency.
+    pub fn decode(&self) -> Result<(SnapshotInfo, ImageMap)> {
+        let bad =
+            |m: String| Error::invalid(format!("manifest {}@{}: {m}", self.disk, self.snapshot));
+        if self.format != MANIFEST_FORMAT {
+            return Err(bad(format!("unknown format {:?}", self.format)));
+        }
+        let info = SnapshotInfo {
+            disk: DiskName::parse(&self.disk)?,
+            id: SnapshotId::parse(&self.snapshot)?,
+            time: parse_time(&self.time)?,
+            kind: self.kind,
+            parent: self.parent.as_deref().map(SnapshotId::parse).transpose()?,
+            size: self.size,
+            granularity: self.granularity,
+            label: self.label.clone(),
+            checkpoint: self.checkpoint.clone(),
+            bitmap: self.bitmap.clone(),
+            protected: self.protected,
+            stored_bytes: self.stored_bytes,
+        };
+        crate::extent::validate(&self.extents, self.size).map_err(bad)?;
+        let mut segments: Vec<Segment> = self
+            .extents
+            .iter()
+            .filter(|e| e.kind == ExtentKind::Zero)
+            .map(|e| Segment::zero(e.range()))
+            .collect();
+        for c in &self.chunks {
+            segments.push(Segment::data(
+                ByteRange::new(c.offset, c.length),
+                ChunkId::from_hex(&c.hash)?,
+                c.skip,
+            ));
+        }
+        let own = ImageMap::new(self.size, segments);
+        if own.extents() != self.extents {
+            return Err(bad("chunk list does not match the data extents".into()));
+        }
+        Ok((info, own))
+    }
+
+    pub fn extent_doc(&self) -> ExtentDoc {
+        ExtentDoc {
+            format: EXTENTS_FORMAT.to_string(),
+            disk: self.disk.clone(),
+            snapshot: self.snapshot.clone(),
+            kind: self.kind.as_str().to_string(),
+            parent: self.parent.clone(),
+            size: self.size,
+            granularity: self.granularity,
+            bitmap: self.bitmap.clone(),
+            extents: self.extents.clone(),
+        }
+    }
+}
+
+pub fn manifest_path(dir: &Path, disk: &DiskName, id: &SnapshotId) -> PathBuf {
+    dir.join(disk.as_str()).join(format!("{id}.json"))
+}
+
+/// Write a manifest durably: temporary file, fsync, rename, fsync the directory.
+pub fn write(dir: &Path, m: &Manifest, disk: &DiskName, id: &SnapshotId) -> Result<PathBuf> {
+    let path = manifest_path(dir, disk, id);
+    let parent = path.parent().expect("manifest path has a parent");
+    fs::create_dir_all(parent).ctx(|| format!("create {}", parent.display()))?;
+    let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
+    let body = serde_json::to_vec_pretty(m).expect("manifest serializes");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .ctx(|| format!("create {}", tmp.display()))?;
+    f.write_all(&body)
+        .ctx(|| format!("write {}", tmp.display()))?;
+    f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, &path).ctx(|| format!("rename {}", tmp.display()))?;
+    fsync_dir(parent)?;
+    Ok(path)
+}
+
+pub fn read(path: &Path) -> Result<Manifest> {
+    let body = fs::read(path).ctx(|| format!("read {}", path.display()))?;
+    serde_json::from_slice(&body)
+        .map_err(|e| Error::invalid(format!("{}: malformed manifest: {e}", path.display())))
+}
+
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("fsync {}", dir.display()))
+}

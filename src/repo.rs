@@ -1,0 +1,240 @@
+//! The repository: a directory holding the catalog, the chunk store and the
+//! manifests, and the one place where snapshots are committed.
+//!
+//! ```text
+//! <repo>/config.json         format and chunking parameters
+//! <repo>/catalog.db          SQLite catalog (+ -wal, -shm)
+//! <repo>/chunks/xx/<hash>    content-addressed chunks
+//! <repo>/manifests/<disk>/<id>.json
+//! <repo>/lock, locks/<pid>   see `lock`
+//! ```
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, SnapshotRecord};
+use crate::chunk::ChunkStore;
+use crate::error::{Error, IoContext, Result};
+use crate::image_map::ImageMap;
+use crate::manifest::{self, Manifest};
+use crate::name::{DiskName, Selector, SnapshotId, SnapshotRef};
+use crate::snapshot::{SnapshotInfo, SnapshotKind};
+
+pub const REPO_FORMAT: &str = "strata-repo/1";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    pub format: String,
+    /// Data is cut into chunks at multiples of this many bytes of the disk.
+    pub chunk_size: u64,
+    pub zstd_level: i32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            format: REPO_FORMAT.to_string(),
+            chunk_size: 1 << 20,
+            zstd_level: 1,
+        }
+    }
+}
+
+pub struct Repository {
+    root: PathBuf,
+    config: Config,
+    chunks: ChunkStore,
+    catalog: Mutex<Catalog>,
+}
+
+/// What a backup hands over to be committed.
+pub struct NewSnapshot {
+    pub disk: DiskName,
+    pub kind: SnapshotKind,
+    pub parent: Option<SnapshotId>,
+    pub time: DateTime<Utc>,
+    pub granularity: u64,
+    pub label: String,
+    pub checkpoint: Option<String>,
+    pub bitmap: Option<String>,
+    pub stored_bytes: u64,
+    /// The snapshot's own segments; `own.size` is the virtual size.
+    pub own: ImageMap,
+}
+
+impl Repository {
+    /// Create a repository in `root`, which must be missing or empty.
+    pub fn init(root: &Path) -> Result<Self> {
+        if root.exists() {
+            let mut entries = fs::read_dir(root).ctx(|| format!("read {}", root.display()))?;
+            if entries.next().is_some() {
+                return Err(Error::invalid(format!(
+                    "{} is not empty; refusing to create a repository there",
+                    root.display()
+                )));
+            }
+        }
+        fs::create_dir_all(root).ctx(|| format!("create {}", root.display()))?;
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700))
+            .ctx(|| format!("chmod {}", root.display()))?;
+        ChunkStore::create_layout(&root.join("chunks"))?;
+        for dir in ["manifests", "locks", "tmp"] {
+            fs::create_dir_all(root.join(dir)).ctx(|| format!("create {dir}"))?;
+        }
+        Catalog::open(&root.join("catalog.db"))?;
+        let config = Config::default();
+        let body = serde_json::to_vec_pretty(&config).expect("config serializes");
+        // The config is written last: its presence marks a complete repository.
+        let tmp = root.join("config.json.tmp");
+        fs::write(&tmp, body).ctx(|| "write config.json".into())?;
+        fs::rename(&tmp, root.join("config.json")).ctx(|| "rename config.json".into())?;
+        manifest::fsync_dir(root)?;
+        Self::open(root)
+    }
+
+    pub fn open(root: &Path) -> Result<Self> {
+        let cfg_path = root.join("config.json");
+        let body = fs::read(&cfg_path)
+            .map_err(|e| Error::NotARepository(root.to_path_buf(), e.to_string()))?;
+        let config: Config = serde_json::from_slice(&body)
+            .map_err(|e| Error::NotARepository(root.to_path_buf(), e.to_string()))?;
+        if config.format != REPO_FORMAT {
+            return Err(Error::NotARepository(
+                root.to_path_buf(),
+                format!("unknown format {:?}", config.format),
+            ));
+        }
+        if config.chunk_size == 0 || config.chunk_size > crate::chunk::MAX_CHUNK_SIZE as u64 {
+            return Err(Error::NotARepository(
+                root.to_path_buf(),
+                format!("bad chunk_size {}", config.chunk_size),
+            ));
+        }
+        let catalog = Catalog::open(&root.join("catalog.db"))?;
+        Ok(Repository {
+            root: root.to_path_buf(),
+            chunks: ChunkStore::new(root.join("chunks"), config.zstd_level),
+            config,
+            catalog: Mutex::new(catalog),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn chunks(&self) -> &ChunkStore {
+        &self.chunks
+    }
+
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.root.join("manifests")
+    }
+
+    pub fn catalog(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn snapshots(&self, disk: Option<&DiskName>) -> Result<Vec<SnapshotInfo>> {
+        self.catalog().list(disk)
+    }
+
+    /// Look up `DISK@ID` or `DISK@latest`.
+    pub fn resolve(&self, r: &SnapshotRef) -> Result<SnapshotInfo> {
+        let cat = self.catalog();
+        match &r.selector {
+            Selector::Latest => cat
+                .latest(&r.disk)?
+                .ok_or_else(|| Error::NoSnapshots(r.disk.to_string())),
+            Selector::Id(id) => cat
+                .get(&r.disk, id)?
+                .ok_or_else(|| Error::SnapshotNotFound(r.to_string())),
+        }
+    }
+
+    /// The snapshot's own map and its resolved image map.
+    pub fn maps(&self, info: &SnapshotInfo) -> Result<(ImageMap, ImageMap)> {
+        self.catalog()
+            .maps(&info.disk, &info.id)?
+            .ok_or_else(|| Error::SnapshotNotFound(info.reference()))
+    }
+
+    pub fn image_map(&self, info: &SnapshotInfo) -> Result<ImageMap> {
+        Ok(self.maps(info)?.1)
+    }
+
+    pub fn manifest(&self, info: &SnapshotInfo) -> Result<Manifest> {
+        manifest::read(&manifest::manifest_path(
+            &self.manifests_dir(),
+            &info.disk,
+            &info.id,
+        ))
+    }
+
+    /// Flush everything written to the repository's file system.
+    pub fn sync(&self) -> Result<()> {
+        let dir = fs::File::open(&self.root).ctx(|| format!("open {}", self.root.display()))?;
+        // SAFETY: syncfs on a descriptor we own.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(Error::io("syncfs", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Make a snapshot visible. Its chunks are flushed first, then its
+    /// manifest is written durably, and only then the catalog row appears.
+    pub fn commit(&self, new: NewSnapshot) -> Result<SnapshotInfo> {
+        self.sync()?;
+        let image = match &new.parent {
+            None => new.own.clone(),
+            Some(pid) => {
+                let parent = self
+                    .catalog()
+                    .maps(&new.disk, pid)?
+                    .ok_or_else(|| Error::SnapshotNotFound(format!("{}@{pid}", new.disk)))?;
+                parent.1.overlay(&new.own)
+            }
+        };
+        let manifests = self.manifests_dir();
+        let mut cat = self.catalog();
+        cat.write(|w| {
+            let seq = w.next_seq(&new.disk)?;
+            let info = SnapshotInfo {
+                disk: new.disk.clone(),
+                id: SnapshotId::new(new.time, seq),
+                time: new.time,
+                kind: new.kind,
+                parent: new.parent.clone(),
+                size: new.own.size,
+                granularity: new.granularity,
+                label: new.label.clone(),
+                checkpoint: new.checkpoint.clone(),
+                bitmap: new.bitmap.clone(),
+                protected: false,
+                stored_bytes: new.stored_bytes,
+            };
+            manifest::write(
+                &manifests,
+                &Manifest::new(&info, &new.own),
+                &info.disk,
+                &info.id,
+            )?;
+            w.insert(&SnapshotRecord {
+                info: info.clone(),
+                own: new.own.clone(),
+                image: image.clone(),
+            })?;
+            Ok(info)
+        })
+    }
+}

@@ -1,0 +1,191 @@
+//! Writing a point-in-time image to a file or block device.
+//!
+//! To a regular file the output is sparse: holes, zero extents and all-zero
+//! blocks are not written. A block device gets zero ranges written (by
+//! `fallocate(ZERO_RANGE)` where the device supports it), since its old
+//! contents would otherwise show through.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::backup::{is_zero, GRANULARITY};
+use crate::chunk::ChunkId;
+use crate::error::{Error, IoContext, Result};
+use crate::extent::ByteRange;
+use crate::image_map::{ImageMap, Piece};
+use crate::repo::Repository;
+use crate::snapshot::SnapshotInfo;
+
+pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<()> {
+    let map = repo.image_map(info)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(target)
+        .ctx(|| format!("open {}", target.display()))?;
+    let meta = file
+        .metadata()
+        .ctx(|| format!("stat {}", target.display()))?;
+    let block_device = meta.file_type().is_block_device();
+    if block_device {
+        use std::io::{Seek, SeekFrom};
+        let dev_size = (&file)
+            .seek(SeekFrom::End(0))
+            .ctx(|| "device size".into())?;
+        if dev_size < map.size {
+            return Err(Error::invalid(format!(
+                "{} has {dev_size} bytes, the image needs {}",
+                target.display(),
+                map.size
+            )));
+        }
+        zero_gaps(&file, &map)?;
+    } else {
+        file.set_len(0)
+            .ctx(|| format!("truncate {}", target.display()))?;
+        file.set_len(map.size)
+            .ctx(|| format!("extend {}", target.display()))?;
+    }
+    let bar = crate::progress::bytes(map.data_bytes(), &format!("restore {}", info.reference()));
+    write_data(repo, &map, &file, !block_device, &|n| bar.inc(n))?;
+    bar.finish_and_clear();
+    file.sync_all()
+        .ctx(|| format!("fsync {}", target.display()))?;
+    Ok(())
+}
+
+/// On a device, write zeroes wherever the image has no data.
+fn zero_gaps(file: &File, map: &ImageMap) -> Result<()> {
+    let mut pos = 0;
+    let mut gaps = Vec::new();
+    for s in &map.segments {
+        if s.range.offset > pos {
+            gaps.push(ByteRange::from_bounds(pos, s.range.offset));
+        }
+        if matches!(s.piece, Piece::Zero) {
+            gaps.push(s.range);
+        }
+        pos = s.range.end();
+    }
+    if pos < map.size {
+        gaps.push(ByteRange::from_bounds(pos, map.size));
+    }
+    let zeroes = vec![0u8; 1 << 20];
+    for g in gaps {
+        // SAFETY: fallocate on a descriptor we own.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_ZERO_RANGE,
+                g.offset as i64,
+                g.length as i64,
+            )
+        };
+        if rc != 0 {
+            for piece in g.split_aligned(zeroes.len() as u64) {
+                file.write_all_at(&zeroes[..piece.length as usize], piece.offset)
+                    .ctx(|| format!("write zeroes at {}", piece.offset))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Write every data segment, on all cores. Segments are handed out by an
+/// atomic index; each worker keeps the chunk it decoded last, since
+/// consecutive segments usually come from the same chunk.
+fn write_data(
+    repo: &Repository,
+    map: &ImageMap,
+    file: &File,
+    skip_zero_blocks: bool,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                let mut current: Option<ChunkId> = None;
+                let mut buf = Vec::new();
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(seg) = map.segments.get(i) else {
+                        break;
+                    };
+                    let Piece::Data { chunk, skip } = seg.piece else {
+                        continue;
+                    };
+                    let r = (|| -> Result<()> {
+                        if current != Some(chunk) {
+                            current = None;
+                            repo.chunks().get_into(&chunk, &mut buf)?;
+                            current = Some(chunk);
+                        }
+                        let data = buf
+                            .get(skip as usize..skip as usize + seg.range.length as usize)
+                            .ok_or_else(|| Error::BadChunk {
+                                hash: chunk.to_hex(),
+                                message: "shorter than the map needs".into(),
+                            })?;
+                        write_range(file, seg.range, data, skip_zero_blocks)
+                    })();
+                    match r {
+                        Ok(()) => progress(seg.range.length),
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn write_range(file: &File, range: ByteRange, data: &[u8], skip_zero_blocks: bool) -> Result<()> {
+    if !skip_zero_blocks {
+        return file
+            .write_all_at(data, range.offset)
+            .ctx(|| format!("write at {}", range.offset));
+    }
+    // Write runs of non-zero blocks, so that zero blocks stay holes.
+    let mut run: Option<ByteRange> = None;
+    let write_run = |r: ByteRange| {
+        let start = (r.offset - range.offset) as usize;
+        file.write_all_at(&data[start..start + r.length as usize], r.offset)
+            .ctx(|| format!("write at {}", r.offset))
+    };
+    for block in range.split_aligned(GRANULARITY) {
+        let start = (block.offset - range.offset) as usize;
+        if is_zero(&data[start..start + block.length as usize]) {
+            if let Some(r) = run.take() {
+                write_run(r)?;
+            }
+        } else {
+            run = Some(match run {
+                Some(r) => ByteRange::from_bounds(r.offset, block.end()),
+                None => block,
+            });
+        }
+    }
+    if let Some(r) = run {
+        write_run(r)?;
+    }
+    Ok(())
+}
