@@ -75,7 +75,8 @@ pub fn backup(
         Some(changes) => {
             changes.check(size).map_err(|m| {
                 Error::invalid(format!(
-                    "change list does not fit {}: {m}",
+                    "change list {} does not fit {}: {m}",
+                    changes.origin,
                     source.describe()
                 ))
             })?;
@@ -121,6 +122,7 @@ pub fn backup(
     let captured = capture(repo, source, &windows, &|n| bar.inc(n))?;
     bar.finish_and_clear();
     segments.extend(captured.segments);
+    crate::testhook::pause("backup:captured");
     let own = ImageMap::new(size, segments);
     let info = repo.commit(NewSnapshot {
         disk,
@@ -192,6 +194,7 @@ fn capture(
                                     .unwrap_or_else(|p| p.into_inner())
                                     .extend(segs);
                                 progress(range.length);
+                                crate::testhook::pause("backup:capturing");
                             }
                             Err(e) => fail(e),
                         }

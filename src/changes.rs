@@ -12,6 +12,8 @@ use crate::extent::{coalesce, ByteRange, Extent, ExtentKind};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangeList {
+    /// Where the list came from, for messages: a file name or a bitmap.
+    pub origin: String,
     /// The disk size the list was made for, if it says.
     pub size: Option<u64>,
     /// Sorted, non-overlapping, coalesced.
@@ -38,7 +40,9 @@ pub fn parse_file(path: &Path) -> Result<ChangeList> {
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    parse(&text).map_err(bad)
+    let mut list = parse(&text).map_err(bad)?;
+    list.origin = path.display().to_string();
+    Ok(list)
 }
 
 /// Only `size` and `extents` are read; other fields of an extent document
@@ -85,6 +89,7 @@ pub fn parse(text: &str) -> std::result::Result<ChangeList, String> {
         serde_json::Value::Object(map) if map.contains_key("extents") => {
             let doc: StrataDoc = serde_json::from_str(text).map_err(typed)?;
             let list = ChangeList {
+                origin: String::new(),
                 size: doc.size,
                 extents: doc.extents,
             };
@@ -95,6 +100,7 @@ pub fn parse(text: &str) -> std::result::Result<ChangeList, String> {
                 crate::extent::validate(&list.extents, u64::MAX)?;
             }
             Ok(ChangeList {
+                origin: String::new(),
                 size: list.size,
                 extents: coalesce(list.extents),
             })
@@ -128,6 +134,7 @@ pub fn parse(text: &str) -> std::result::Result<ChangeList, String> {
             let extents: Vec<Extent> = extents.into_iter().filter(|e| e.length > 0).collect();
             crate::extent::validate(&extents, u64::MAX)?;
             Ok(ChangeList {
+                origin: String::new(),
                 size: None,
                 extents: coalesce(extents),
             })

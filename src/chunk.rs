@@ -56,6 +56,8 @@ impl fmt::Debug for ChunkId {
     }
 }
 
+static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 thread_local! {
     // zstd contexts are costly to set up; each worker thread keeps its own.
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
@@ -175,7 +177,12 @@ impl ChunkStore {
             return Ok(PutOutcome { id, stored: 0 });
         }
         let body = encode(data, self.level)?;
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        // Unique per writer: two threads may store the same chunk at once.
+        let tmp = path.with_extension(format!(
+            "tmp.{}.{}",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create(true)

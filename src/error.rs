@@ -7,14 +7,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{context}: {source}")]
+    // The cause is part of the message (not a `source`), so that `{:#}` at
+    // the edge does not print it twice.
+    #[error("{context}: {err}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     #[error("catalog: {0}")]
-    Catalog(#[from] rusqlite::Error),
+    Catalog(rusqlite::Error),
     #[error("invalid disk name {name:?}: {reason}")]
     BadDiskName { name: String, reason: String },
     #[error("invalid snapshot reference {0:?}: expected DISK@ID or DISK@latest")]
@@ -41,12 +42,18 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
-            source,
+            err: source,
         }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::Invalid(message.into())
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Catalog(e)
     }
 }
 

@@ -17,5 +17,6 @@ pub mod repo;
 pub mod restore;
 pub mod snapshot;
 pub mod source;
+pub mod testhook;
 
 pub use error::{Error, Result};

@@ -229,6 +229,7 @@ impl Repository {
                 &info.disk,
                 &info.id,
             )?;
+            crate::testhook::pause("commit:manifest-written");
             w.insert(&SnapshotRecord {
                 info: info.clone(),
                 own: new.own.clone(),

@@ -1,0 +1,218 @@
+//! Shared helpers for the integration tests: a scratch repository, the
+//! `strata` binary, and real QEMU tools to make disks and their truths.
+#![allow(dead_code)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+}
+
+impl Env {
+    /// A fresh directory with an initialized repository in `repo/`.
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-test")
+            .tempdir()
+            .unwrap();
+        let repo = dir.path().join("repo");
+        let env = Env { dir, repo };
+        env.ok(&["init"]);
+        env
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+        c.arg("--repo").arg(&self.repo);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Run strata, expect success, return stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "strata {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run strata, expect exit code 1, return stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "strata {args:?} should fail; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    pub fn snapshots(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["snapshots", "--json"])).unwrap()
+    }
+
+    /// Take a snapshot and return its `DISK@ID`.
+    pub fn backup(&self, args: &[&str]) -> String {
+        let mut full = vec!["backup"];
+        full.extend_from_slice(args);
+        let out = self.ok(&full);
+        out.split_whitespace().nth(1).unwrap().to_string()
+    }
+
+    /// Restore `snap` and compare it with `truth` byte for byte; check that
+    /// the copy is no less sparse than the truth.
+    pub fn assert_restores(&self, snap: &str, truth: &Path) {
+        let out = self.path("restored.raw");
+        self.ok(&["restore", snap, out.to_str().unwrap()]);
+        assert_same(&out, truth);
+        let (got, want) = (allocated(&out), allocated(truth));
+        assert!(
+            got <= want + (1 << 20),
+            "{snap}: restored copy allocates {got} bytes, the truth {want}"
+        );
+        std::fs::remove_file(out).unwrap();
+    }
+
+    /// Every file in the repository with its size, for "nothing changed" checks.
+    pub fn repo_state(&self) -> Vec<(PathBuf, u64)> {
+        let mut out = Vec::new();
+        walk(&self.repo, &mut out);
+        out.retain(|(p, _)| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            // SQLite's side files and the lock notes change on any open.
+            !name.starts_with("catalog.db") && !p.starts_with(self.repo.join("locks"))
+        });
+        out.sort();
+        out
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64)>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let meta = e.metadata().unwrap();
+        if meta.is_dir() {
+            walk(&e.path(), out);
+        } else {
+            out.push((e.path(), meta.len()));
+        }
+    }
+}
+
+/// Run a tool and insist that it works.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+pub fn assert_same(a: &Path, b: &Path) {
+    let out = Command::new("cmp").arg(a).arg(b).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} and {} differ: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A qcow2 disk driven with qemu-img and qemu-io.
+pub struct Qcow {
+    pub path: PathBuf,
+}
+
+impl Qcow {
+    pub fn create(path: PathBuf, size: u64) -> Self {
+        sh(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                path.to_str().unwrap(),
+                &size.to_string(),
+            ],
+        );
+        Qcow { path }
+    }
+
+    pub fn p(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+
+    pub fn add_bitmap(&self, name: &str) {
+        sh("qemu-img", &["bitmap", "--add", self.p(), name]);
+    }
+
+    pub fn clear_bitmap(&self, name: &str) {
+        sh("qemu-img", &["bitmap", "--clear", self.p(), name]);
+    }
+
+    /// Run qemu-io commands (`write -P 0xaa 0 64k`, `write -z ...`, `discard ...`).
+    pub fn io(&self, cmds: &[&str]) {
+        let mut args = vec!["-f", "qcow2"];
+        for c in cmds {
+            args.push("-c");
+            args.push(c);
+        }
+        args.push(self.p());
+        sh("qemu-io", &args);
+    }
+
+    /// The disk's contents now, as a raw file: the truth to compare with.
+    pub fn truth(&self, out: &Path) -> PathBuf {
+        sh(
+            "qemu-img",
+            &["convert", "-O", "raw", self.p(), out.to_str().unwrap()],
+        );
+        out.to_path_buf()
+    }
+
+    /// `nbdinfo --map` of a bitmap over `qemu-nbd -B`, written to `out`.
+    pub fn dirty_map(&self, bitmap: &str, out: &Path) -> PathBuf {
+        let json = sh(
+            "nbdinfo",
+            &[
+                &format!("--map=qemu:dirty-bitmap:{bitmap}"),
+                "--json",
+                "--",
+                "[",
+                "qemu-nbd",
+                "-r",
+                "-f",
+                "qcow2",
+                "-B",
+                bitmap,
+                self.p(),
+                "]",
+            ],
+        );
+        std::fs::write(out, json).unwrap();
+        out.to_path_buf()
+    }
+}
