@@ -83,6 +83,13 @@ impl Catalog {
         })
     }
 
+    /// Changes whenever another connection commits: a cheap "did anything change".
+    pub fn data_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
     /// Snapshots, oldest first, of one disk or of all.
     pub fn list(&self, disk: Option<&DiskName>) -> Result<Vec<SnapshotInfo>> {
         let sql = format!(

@@ -1,8 +1,8 @@
 //! Reading point-in-time images: a byte range of an [`ImageMap`] turned into
 //! bytes, through a bounded cache of decoded chunks.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::chunk::{ChunkId, ChunkStore};
 use crate::error::Result;
@@ -10,14 +10,18 @@ use crate::extent::ByteRange;
 use crate::image_map::{ImageMap, Piece};
 
 /// Decoded chunks, bounded by total bytes, least recently used out first.
+/// A chunk being decoded by one thread is waited for by the others rather
+/// than decoded twice (read-ahead and readers often want the same one).
 pub struct ChunkCache {
     capacity: usize,
     inner: Mutex<CacheInner>,
+    loaded: Condvar,
 }
 
 #[derive(Default)]
 struct CacheInner {
     map: HashMap<ChunkId, (Arc<Vec<u8>>, u64)>,
+    loading: HashSet<ChunkId>,
     bytes: usize,
     tick: u64,
 }
@@ -27,6 +31,7 @@ impl ChunkCache {
         ChunkCache {
             capacity,
             inner: Mutex::new(CacheInner::default()),
+            loaded: Condvar::new(),
         }
     }
 
@@ -34,8 +39,12 @@ impl ChunkCache {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
-        let mut inner = self.lock();
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        let inner = self.lock();
+        inner.map.contains_key(id) || inner.loading.contains(id)
+    }
+
+    fn touch(inner: &mut CacheInner, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
         inner.tick += 1;
         let tick = inner.tick;
         inner.map.get_mut(id).map(|(data, used)| {
@@ -44,8 +53,7 @@ impl ChunkCache {
         })
     }
 
-    pub fn insert(&self, id: ChunkId, data: Arc<Vec<u8>>) {
-        let mut inner = self.lock();
+    fn insert_locked(&self, inner: &mut CacheInner, id: ChunkId, data: Arc<Vec<u8>>) {
         inner.tick += 1;
         let tick = inner.tick;
         let len = data.len();
@@ -70,12 +78,27 @@ impl ChunkCache {
 
     /// The decoded chunk, from the cache or the store.
     pub fn load(&self, store: &ChunkStore, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
-        if let Some(data) = self.get(id) {
-            return Ok(data);
+        let mut inner = self.lock();
+        loop {
+            if let Some(data) = Self::touch(&mut inner, id) {
+                return Ok(data);
+            }
+            if !inner.loading.contains(id) {
+                break;
+            }
+            inner = self.loaded.wait(inner).unwrap_or_else(|e| e.into_inner());
         }
-        let data = Arc::new(store.get(id)?);
-        self.insert(*id, data.clone());
-        Ok(data)
+        inner.loading.insert(*id);
+        drop(inner);
+        let result = store.get(id).map(Arc::new);
+        let mut inner = self.lock();
+        inner.loading.remove(id);
+        if let Ok(data) = &result {
+            self.insert_locked(&mut inner, *id, data.clone());
+        }
+        drop(inner);
+        self.loaded.notify_all();
+        result
     }
 }
 

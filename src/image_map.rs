@@ -141,18 +141,20 @@ impl ImageMap {
             .sum()
     }
 
-    /// SEEK_DATA: the first offset `>= offset` inside a data or zero extent
-    /// (zero extents count as data, as qemu's raw driver reports them).
+    /// SEEK_DATA: the first offset `>= offset` backed by stored data. Zero
+    /// extents count as holes: they read as zeroes and need not be copied.
     pub fn seek_data(&self, offset: u64) -> Option<u64> {
-        let s = self.segments.get(self.first_after(offset))?;
-        Some(s.range.offset.max(offset))
+        self.segments[self.first_after(offset)..]
+            .iter()
+            .find(|s| matches!(s.piece, Piece::Data { .. }))
+            .map(|s| s.range.offset.max(offset))
     }
 
-    /// SEEK_HOLE: the first offset `>= offset` in a hole, or the size.
+    /// SEEK_HOLE: the first offset `>= offset` not backed by data, or the size.
     pub fn seek_hole(&self, offset: u64) -> u64 {
         let mut pos = offset;
         for s in &self.segments[self.first_after(offset)..] {
-            if s.range.offset > pos {
+            if s.range.offset > pos || matches!(s.piece, Piece::Zero) {
                 break;
             }
             pos = s.range.end();
@@ -279,14 +281,21 @@ mod tests {
     fn seek_and_slice() {
         let m = ImageMap::new(
             100,
-            vec![data(10, 10, 1), Segment::zero(ByteRange::new(20, 5))],
+            vec![
+                data(10, 10, 1),
+                Segment::zero(ByteRange::new(20, 5)),
+                data(25, 5, 2),
+                data(30, 5, 3),
+            ],
         );
         assert_eq!(m.seek_data(0), Some(10));
         assert_eq!(m.seek_data(15), Some(15));
-        assert_eq!(m.seek_data(25), None);
+        assert_eq!(m.seek_data(20), Some(25));
+        assert_eq!(m.seek_data(35), None);
         assert_eq!(m.seek_hole(0), 0);
-        assert_eq!(m.seek_hole(12), 25);
-        assert_eq!(m.seek_hole(30), 30);
+        assert_eq!(m.seek_hole(12), 20);
+        assert_eq!(m.seek_hole(26), 35);
+        assert_eq!(m.seek_hole(50), 50);
         let s: Vec<_> = m.slice(ByteRange::new(15, 7)).collect();
         assert_eq!(
             s,

@@ -1,6 +1,6 @@
 //! The `strata` command: argument parsing and printing over the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use strata::backup::{self, BackupOptions};
 use strata::changes;
 use strata::extent::{ExtentDoc, EXTENTS_FORMAT};
+use strata::mount::{self, MountOptions, Unmounted};
 use strata::name::{DiskName, SnapshotRef};
 use strata::repo::Repository;
 use strata::snapshot::{format_time, parse_time};
@@ -57,6 +58,21 @@ enum Command {
     },
     /// Write a point-in-time image to a file (sparse) or block device.
     Restore { snapshot: String, target: PathBuf },
+    /// Mount every snapshot as a read-only raw image (FUSE).
+    Mount {
+        mountpoint: PathBuf,
+        /// Stay attached instead of returning once the mount is ready.
+        #[arg(long)]
+        foreground: bool,
+        /// Let other users read the images.
+        #[arg(long)]
+        allow_other: bool,
+        /// Internal: the background child of a `mount` without --foreground.
+        #[arg(long, hide = true)]
+        daemon_child: bool,
+    },
+    /// Unmount a strata mount (also a stale one left by a killed process).
+    Umount { mountpoint: PathBuf },
 }
 
 #[derive(Args)]
@@ -111,6 +127,49 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Run `strata mount --daemon-child` in its own process group and return
+/// once it reports the mount ready, or fail with what it printed.
+fn mount_in_background(cli: &Cli, mnt: &Path, allow_other: bool) -> Result<()> {
+    use std::io::{BufRead, Read};
+    use std::os::unix::process::CommandExt;
+    mount::check_mountpoint(mnt)?;
+    let repo = std::path::absolute(repo_path(cli)?)?;
+    let mnt = std::path::absolute(mnt)?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--repo")
+        .arg(&repo)
+        .arg("mount")
+        .arg(&mnt)
+        .arg("--daemon-child");
+    if allow_other {
+        cmd.arg("--allow-other");
+    }
+    for _ in 0..cli.verbose {
+        cmd.arg("-v");
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .context("start the mount process")?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().context("child stdout")?;
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() == "ready" {
+        println!("mounted {} (pid {})", mnt.display(), child.id());
+        return Ok(());
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err)?;
+    }
+    child.wait()?;
+    let err = err.trim().trim_start_matches("strata: error: ");
+    bail!("mount failed: {err}")
 }
 
 fn repo_path(cli: &Cli) -> Result<PathBuf> {
@@ -223,6 +282,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Mount {
+            mountpoint,
+            foreground,
+            allow_other,
+            daemon_child,
+        } => {
+            let opts = MountOptions {
+                allow_other: *allow_other,
+            };
+            if *foreground || *daemon_child {
+                let repo = open(&cli)?;
+                let child = *daemon_child;
+                mount::serve(repo, mountpoint, &opts, || {
+                    if child {
+                        mount::detach_from_parent();
+                    } else {
+                        eprintln!("mounted {}; Ctrl-C unmounts", mountpoint.display());
+                    }
+                })?;
+            } else {
+                mount_in_background(&cli, mountpoint, *allow_other)?;
+            }
+        }
+        Command::Umount { mountpoint } => match mount::unmount(mountpoint)? {
+            Unmounted::Clean => println!("unmounted {}", mountpoint.display()),
+            Unmounted::Detached => println!(
+                "{} detached; files still open there stay readable until closed",
+                mountpoint.display()
+            ),
+        },
         Command::Restore { snapshot, target } => {
             let repo = open(&cli)?;
             let info = repo.resolve(&SnapshotRef::parse(snapshot)?)?;

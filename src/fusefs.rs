@@ -1,0 +1,478 @@
+//! The read-only FUSE file system: every snapshot as `<disk>/<id>.raw`, its
+//! own extent JSON as `<disk>/<id>.json`, and `<disk>/latest.raw`.
+//!
+//! The tree is rebuilt from the catalog whenever SQLite's `data_version`
+//! says another process committed, so new snapshots appear without a
+//! remount. Inode numbers are stable for the life of the mount, and a file's
+//! image map is loaded once, on first use. Images never change, so the
+//! kernel may keep their pages (`FOPEN_KEEP_CACHE`) and attributes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, Request,
+};
+
+use crate::chunk::ChunkId;
+use crate::error::Result;
+use crate::extent::ByteRange;
+use crate::image::{self, ChunkCache};
+use crate::image_map::{ImageMap, Piece};
+use crate::repo::Repository;
+use crate::snapshot::SnapshotInfo;
+
+/// Images and their JSON never change: let the kernel cache them long.
+const FILE_TTL: Duration = Duration::from_secs(3600);
+/// Directories and `latest.raw` change as backups land.
+const DIR_TTL: Duration = Duration::from_secs(1);
+/// How far ahead of a sequential reader chunks are decoded.
+const READ_AHEAD: u64 = 8 << 20;
+const CACHE_BYTES: usize = 96 << 20;
+
+/// One snapshot as the mount shows it; shared by its `.raw` and `.json`.
+struct SnapFile {
+    info: SnapshotInfo,
+    map: OnceLock<Arc<ImageMap>>,
+    json: OnceLock<Arc<Vec<u8>>>,
+}
+
+#[derive(Clone)]
+enum Entry {
+    Dir,
+    Image(Arc<SnapFile>),
+    Json(Arc<SnapFile>),
+    Link(String),
+}
+
+#[derive(Default)]
+struct Tree {
+    /// Inode numbers by stable key, never reused during a mount.
+    inos: HashMap<String, u64>,
+    entries: HashMap<u64, Entry>,
+    children: HashMap<u64, BTreeMap<String, u64>>,
+    version: Option<i64>,
+}
+
+impl Tree {
+    fn ino(&mut self, key: String) -> u64 {
+        let next = self.inos.len() as u64 + 2; // 1 is the root
+        *self.inos.entry(key).or_insert(next)
+    }
+
+    /// The directory inode for a disk, creating the path's directories.
+    fn disk_dir(&mut self, disk: &str) -> u64 {
+        let mut parent = INodeNo::ROOT.0;
+        let mut path = String::new();
+        for seg in disk.split('/') {
+            if !path.is_empty() {
+                path.push('/');
+            }
+            path.push_str(seg);
+            let ino = self.ino(format!("d:{path}"));
+            self.entries.insert(ino, Entry::Dir);
+            self.children
+                .entry(parent)
+                .or_default()
+                .insert(seg.to_string(), ino);
+            self.children.entry(ino).or_default();
+            parent = ino;
+        }
+        parent
+    }
+}
+
+pub struct ImageFs {
+    repo: Arc<Repository>,
+    tree: RwLock<Tree>,
+    cache: Arc<ChunkCache>,
+    /// Where each inode's last read ended, to spot sequential readers.
+    last_read: Mutex<HashMap<u64, u64>>,
+    prefetch: SyncSender<ChunkId>,
+    uid: u32,
+    gid: u32,
+    mounted_at: SystemTime,
+}
+
+impl ImageFs {
+    pub fn new(repo: Arc<Repository>) -> Result<Self> {
+        let cache = Arc::new(ChunkCache::new(CACHE_BYTES));
+        let (tx, rx) = sync_channel::<ChunkId>(64);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..2 {
+            let (repo, cache, rx) = (repo.clone(), cache.clone(), rx.clone());
+            std::thread::Builder::new()
+                .name("read-ahead".into())
+                .spawn(move || prefetch_worker(&repo, &cache, &rx))
+                .map_err(|e| crate::Error::io("spawn read-ahead thread", e))?;
+        }
+        let fs = ImageFs {
+            repo,
+            tree: RwLock::new(Tree::default()),
+            cache,
+            last_read: Mutex::new(HashMap::new()),
+            prefetch: tx,
+            // SAFETY: getuid/getgid cannot fail.
+            uid: unsafe { libc::getuid() },
+            gid: unsafe { libc::getgid() },
+            mounted_at: SystemTime::now(),
+        };
+        fs.refresh()?;
+        Ok(fs)
+    }
+
+    /// Rebuild the tree if the catalog changed since the last look.
+    fn refresh(&self) -> Result<()> {
+        let version = self.repo.catalog().data_version()?;
+        if self.tree.read().unwrap_or_else(|e| e.into_inner()).version == Some(version) {
+            return Ok(());
+        }
+        let snaps = self.repo.snapshots(None)?;
+        let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
+        let old: HashMap<String, Arc<SnapFile>> = tree
+            .entries
+            .values()
+            .filter_map(|e| match e {
+                Entry::Image(f) => Some((f.info.reference(), f.clone())),
+                _ => None,
+            })
+            .collect();
+        tree.children.clear();
+        tree.entries.insert(INodeNo::ROOT.0, Entry::Dir);
+        tree.children.insert(INodeNo::ROOT.0, BTreeMap::new());
+        for info in snaps {
+            let dir = tree.disk_dir(info.disk.as_str());
+            let key = info.reference();
+            // Keep the loaded map of a snapshot seen before; open files use it.
+            let file = match old.get(&key) {
+                Some(f) if f.info == info => f.clone(),
+                _ => Arc::new(SnapFile {
+                    info: info.clone(),
+                    map: OnceLock::new(),
+                    json: OnceLock::new(),
+                }),
+            };
+            let raw = tree.ino(format!("r:{key}"));
+            let json = tree.ino(format!("j:{key}"));
+            let link = tree.ino(format!("l:{}", info.disk));
+            tree.entries.insert(raw, Entry::Image(file.clone()));
+            tree.entries.insert(json, Entry::Json(file));
+            // Snapshots come oldest first, so the last one wins the link.
+            tree.entries
+                .insert(link, Entry::Link(format!("{}.raw", info.id)));
+            let children = tree.children.entry(dir).or_default();
+            children.insert(format!("{}.raw", info.id), raw);
+            children.insert(format!("{}.json", info.id), json);
+            children.insert("latest.raw".to_string(), link);
+        }
+        tree.version = Some(version);
+        Ok(())
+    }
+
+    fn entry(&self, ino: u64) -> Option<Entry> {
+        self.tree
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .get(&ino)
+            .cloned()
+    }
+
+    fn map_of(&self, file: &SnapFile) -> Result<Arc<ImageMap>> {
+        if let Some(m) = file.map.get() {
+            return Ok(m.clone());
+        }
+        let map = Arc::new(self.repo.image_map(&file.info)?);
+        Ok(file.map.get_or_init(|| map).clone())
+    }
+
+    fn json_of(&self, file: &SnapFile) -> Result<Arc<Vec<u8>>> {
+        if let Some(j) = file.json.get() {
+            return Ok(j.clone());
+        }
+        let doc = self.repo.manifest(&file.info)?.extent_doc();
+        let mut body = serde_json::to_vec_pretty(&doc).expect("extent doc serializes");
+        body.push(b'\n');
+        Ok(file.json.get_or_init(|| Arc::new(body)).clone())
+    }
+
+    fn attr(&self, ino: u64, entry: &Entry) -> Result<FileAttr> {
+        let (kind, perm, size, blocks, time) = match entry {
+            Entry::Dir => (FileType::Directory, 0o555, 0, 0, self.mounted_at),
+            Entry::Image(f) => {
+                let map = self.map_of(f)?;
+                let blocks = map.data_bytes().div_ceil(512);
+                (
+                    FileType::RegularFile,
+                    0o444,
+                    f.info.size,
+                    blocks,
+                    f.info.time.into(),
+                )
+            }
+            Entry::Json(f) => {
+                let len = self.json_of(f)?.len() as u64;
+                (
+                    FileType::RegularFile,
+                    0o444,
+                    len,
+                    len.div_ceil(512),
+                    f.info.time.into(),
+                )
+            }
+            Entry::Link(target) => {
+                let len = target.len() as u64;
+                (FileType::Symlink, 0o777, len, 0, self.mounted_at)
+            }
+        };
+        Ok(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks,
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind,
+            perm,
+            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 1 << 20,
+            flags: 0,
+        })
+    }
+
+    fn ttl(entry: &Entry) -> Duration {
+        match entry {
+            Entry::Image(_) | Entry::Json(_) => FILE_TTL,
+            Entry::Dir | Entry::Link(_) => DIR_TTL,
+        }
+    }
+
+    /// Read image bytes into this thread's `READ_BUF`, sized to what was read.
+    fn read_image(&self, ino: u64, file: &SnapFile, offset: u64, size: u32) -> Result<()> {
+        let map = self.map_of(file)?;
+        READ_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            buf.resize(size as usize, 0);
+            let n = image::read_at(&map, self.repo.chunks(), &self.cache, &mut buf, offset)?;
+            buf.truncate(n);
+            self.read_ahead(ino, &map, offset, offset + n as u64);
+            Ok(())
+        })
+    }
+
+    /// Queue the chunks after `end` for decoding if the reader is sequential.
+    fn read_ahead(&self, ino: u64, map: &ImageMap, offset: u64, end: u64) {
+        let sequential = {
+            let mut last = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
+            let prev = last.insert(ino, end);
+            prev.is_some_and(|p| p.abs_diff(offset) <= 2 * READ_AHEAD)
+        };
+        if !sequential || end >= map.size {
+            return;
+        }
+        let ahead = ByteRange::from_bounds(end, (end + READ_AHEAD).min(map.size));
+        let mut last = None;
+        for seg in map.slice(ahead) {
+            if let Piece::Data { chunk, .. } = seg.piece {
+                if last != Some(chunk) && !self.cache.contains(&chunk) {
+                    // A full queue means read-ahead is behind already; skip.
+                    let _ = self.prefetch.try_send(chunk);
+                }
+                last = Some(chunk);
+            }
+        }
+    }
+}
+
+fn prefetch_worker(repo: &Repository, cache: &ChunkCache, rx: &Mutex<Receiver<ChunkId>>) {
+    loop {
+        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(id) = next else { return };
+        if let Err(e) = cache.load(repo.chunks(), &id) {
+            log::warn!("read-ahead: {e}");
+        }
+    }
+}
+
+thread_local! {
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn errno_of(e: &crate::Error) -> Errno {
+    log::error!("{e}");
+    Errno::EIO
+}
+
+impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Ask for as much kernel read-ahead as it allows; errors name the limit.
+        if let Err(max) = config.set_max_readahead(u32::MAX) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if let Err(e) = self.refresh() {
+            return reply.error(errno_of(&e));
+        }
+        let ino = {
+            let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
+            let name = name.to_str().unwrap_or("");
+            tree.children
+                .get(&parent.0)
+                .and_then(|c| c.get(name))
+                .copied()
+        };
+        let Some(ino) = ino else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(entry) = self.entry(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.attr(ino, &entry) {
+            Ok(attr) => reply.entry(&Self::ttl(&entry), &attr, Generation(0)),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let Some(entry) = self.entry(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.attr(ino.0, &entry) {
+            Ok(attr) => reply.attr(&Self::ttl(&entry), &attr),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.entry(ino.0) {
+            Some(Entry::Link(target)) => reply.data(target.as_bytes()),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.entry(ino.0) {
+            Some(Entry::Image(_)) | Some(Entry::Json(_)) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Some(Entry::Dir) => reply.error(Errno::EISDIR),
+            Some(Entry::Link(_)) => reply.error(Errno::ELOOP),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.entry(ino.0) {
+            Some(Entry::Image(f)) => match self.read_image(ino.0, &f, offset, size) {
+                Ok(()) => READ_BUF.with(|cell| reply.data(&cell.borrow())),
+                Err(e) => reply.error(errno_of(&e)),
+            },
+            Some(Entry::Json(f)) => match self.json_of(&f) {
+                Ok(body) => {
+                    let start = (offset as usize).min(body.len());
+                    let end = (start + size as usize).min(body.len());
+                    reply.data(&body[start..end]);
+                }
+                Err(e) => reply.error(errno_of(&e)),
+            },
+            Some(_) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let Some(Entry::Image(f)) = self.entry(ino.0) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let map = match self.map_of(&f) {
+            Ok(m) => m,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        if offset < 0 || offset as u64 >= map.size {
+            return reply.error(Errno::ENXIO);
+        }
+        let offset = offset as u64;
+        match whence {
+            libc::SEEK_DATA => match map.seek_data(offset) {
+                Some(pos) => reply.offset(pos as i64),
+                None => reply.error(Errno::ENXIO),
+            },
+            libc::SEEK_HOLE => reply.offset(map.seek_hole(offset) as i64),
+            _ => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if offset == 0 {
+            if let Err(e) = self.refresh() {
+                return reply.error(errno_of(&e));
+            }
+        }
+        let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
+        let Some(children) = tree.children.get(&ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let dots = [(".".to_string(), ino.0), ("..".to_string(), ino.0)];
+        let all = dots
+            .iter()
+            .map(|(n, i)| (n, *i))
+            .chain(children.iter().map(|(n, i)| (n, *i)));
+        for (i, (name, child)) in all.enumerate().skip(offset as usize) {
+            let kind = match tree.entries.get(&child) {
+                Some(Entry::Dir) => FileType::Directory,
+                Some(Entry::Link(_)) => FileType::Symlink,
+                _ => FileType::RegularFile,
+            };
+            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, 1 << 20, 255, 1 << 20);
+    }
+}
