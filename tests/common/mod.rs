@@ -216,3 +216,128 @@ impl Qcow {
         out.to_path_buf()
     }
 }
+
+/// A disk of `64 MiB + 4.5 KiB` with a full and `n` incrementals taken from
+/// its dirty bitmap, plus a differential after the second incremental.
+/// Returns every snapshot's `DISK@ID` with its truth, in order.
+pub fn qemu_chain(env: &Env, disk_name: &str, n: usize) -> Vec<(String, PathBuf)> {
+    let tag = disk_name.replace('/', "_");
+    let disk = Qcow::create(env.path(&format!("{tag}.qcow2")), (64 << 20) + 4608);
+    disk.add_bitmap("inc");
+    disk.add_bitmap("diff");
+    disk.io(&[
+        "write -P 0xaa 0 12M",
+        "write -P 0xbb 40M 6M",
+        "write -z 56M 1M",
+    ]);
+    let truth = disk.truth(&env.path(&format!("{tag}-t0.raw")));
+    let full = env.backup(&["--disk", disk_name, truth.to_str().unwrap()]);
+    disk.clear_bitmap("inc");
+    disk.clear_bitmap("diff");
+    let mut out = vec![(full.clone(), truth)];
+    for i in 1..=n {
+        let k = i as u64;
+        let cmds = [
+            format!("write -P {} {} 300k", 0x10 + k, (k * 7 % 60) << 20),
+            format!("write -P {} {} 5000", 0x40 + k, k * 1_000_003 % (60 << 20)),
+            format!("write -z {} 512k", (k * 13 % 60) << 20),
+            format!("discard {} 192k", (k * 17 % 60) << 20),
+            format!("write -P {} 67108000 5000", 0x80 + k),
+        ];
+        let cmds: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+        disk.io(&cmds);
+        let truth = disk.truth(&env.path(&format!("{tag}-t{i}.raw")));
+        let map = disk.dirty_map("inc", &env.path(&format!("{tag}-inc{i}.json")));
+        let snap = env.backup(&[
+            "--disk",
+            disk_name,
+            truth.to_str().unwrap(),
+            "--changes",
+            map.to_str().unwrap(),
+        ]);
+        disk.clear_bitmap("inc");
+        out.push((snap, truth.clone()));
+        if i == 2 {
+            let map = disk.dirty_map("diff", &env.path(&format!("{tag}-diff.json")));
+            let snap = env.backup(&[
+                "--disk",
+                disk_name,
+                truth.to_str().unwrap(),
+                "--changes",
+                map.to_str().unwrap(),
+                "--parent",
+                &full,
+                "--differential",
+            ]);
+            out.push((snap, truth));
+        }
+    }
+    out
+}
+
+/// A `strata mount` that is always unmounted, even when a test fails.
+pub struct Mounted<'a> {
+    pub env: &'a Env,
+    pub mnt: PathBuf,
+    pub pid: i32,
+}
+
+impl<'a> Mounted<'a> {
+    pub fn new(env: &'a Env, name: &str) -> Self {
+        let mnt = env.path(name);
+        std::fs::create_dir_all(&mnt).unwrap();
+        let out = env.ok(&["mount", mnt.to_str().unwrap()]);
+        // "mounted MNT (pid N)"
+        let pid = out
+            .rsplit("(pid ")
+            .next()
+            .and_then(|s| s.trim().trim_end_matches(')').parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {out:?}"));
+        Mounted { env, mnt, pid }
+    }
+
+    /// The mounted path of a snapshot `DISK@ID`.
+    pub fn image(&self, snap: &str) -> PathBuf {
+        let (disk, id) = snap.rsplit_once('@').unwrap();
+        self.mnt.join(disk).join(format!("{id}.raw"))
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let p = self.mnt.to_str().unwrap();
+        info.lines().any(|l| l.split(' ').nth(4) == Some(p))
+    }
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        if self.is_mounted() {
+            let ok = self
+                .env
+                .run(&["umount", self.mnt.to_str().unwrap()])
+                .status
+                .success();
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+        }
+    }
+}
+
+/// Block until process `pid` has exited (it need not be our child).
+pub fn wait_exit(pid: i32) {
+    // SAFETY: pidfd_open and poll on the descriptor it returns.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if fd < 0 {
+            return; // already gone
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd as i32,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        libc::poll(&mut pfd, 1, 30_000);
+        libc::close(fd as i32);
+    }
+}
