@@ -295,32 +295,36 @@ fn check_unchanged(
         vec![0u8; GRANULARITY as usize],
     );
     let mut sampled = 0u64;
-    for block in ByteRange::new(0, common).split_aligned(GRANULARITY) {
-        while listed
-            .peek()
-            .is_some_and(|e| e.offset + e.length <= block.offset)
-        {
-            listed.next();
-        }
-        if listed.peek().is_some_and(|e| e.offset < block.end()) {
-            continue; // the block is (partly) listed as changed
-        }
+    // Sample whole chunk cells, so that each decoded parent chunk is used for
+    // every unlisted block in it rather than for one.
+    for cell in ByteRange::new(0, common).split_aligned(repo.config().chunk_size) {
         if rng.next_f64() * 100.0 >= percent {
             continue;
         }
-        let n = block.length as usize;
-        source.read_exact_at(&mut ours[..n], block.offset)?;
-        image::read_at(&map, repo.chunks(), &cache, &mut theirs[..n], block.offset)?;
-        if ours[..n] != theirs[..n] {
-            return Err(Error::invalid(format!(
-                "the change list calls range {}+{} unchanged since {}, but it differs from it: \
-                 the bitmap is wrong or stale; take a full backup (or use --fallback-full)",
-                block.offset,
-                block.length,
-                parent.reference()
-            )));
+        for block in cell.split_aligned(GRANULARITY) {
+            while listed
+                .peek()
+                .is_some_and(|e| e.offset + e.length <= block.offset)
+            {
+                listed.next();
+            }
+            if listed.peek().is_some_and(|e| e.offset < block.end()) {
+                continue; // the block is (partly) listed as changed
+            }
+            let n = block.length as usize;
+            source.read_exact_at(&mut ours[..n], block.offset)?;
+            image::read_at(&map, repo.chunks(), &cache, &mut theirs[..n], block.offset)?;
+            if ours[..n] != theirs[..n] {
+                return Err(Error::invalid(format!(
+                    "the change list calls range {}+{} unchanged since {}, but it differs from it: \
+                     the bitmap is wrong or stale; take a full backup (or use --fallback-full)",
+                    block.offset,
+                    block.length,
+                    parent.reference()
+                )));
+            }
+            sampled += 1;
         }
-        sampled += 1;
     }
     log::debug!("check-unchanged: {sampled} blocks match the parent");
     Ok(())

@@ -84,7 +84,13 @@ fn decompress(payload: &[u8], into: &mut Vec<u8>) -> std::io::Result<()> {
         }
         let d = slot.as_mut().expect("decompressor was just set");
         into.clear();
-        into.reserve(MAX_CHUNK_SIZE);
+        // Reserve what the frame says it holds (bounded), not the maximum:
+        // decoded chunks sit in caches, where spare capacity is waste.
+        let want = zstd::zstd_safe::get_frame_content_size(payload)
+            .ok()
+            .flatten()
+            .map_or(MAX_CHUNK_SIZE, |n| (n as usize).min(MAX_CHUNK_SIZE));
+        into.reserve_exact(want);
         d.decompress_to_buffer(payload, into)?;
         Ok(())
     })

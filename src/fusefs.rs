@@ -32,7 +32,7 @@ const FILE_TTL: Duration = Duration::from_secs(3600);
 /// Directories and `latest.raw` change as backups land.
 const DIR_TTL: Duration = Duration::from_secs(1);
 /// How far ahead of a sequential reader chunks are decoded.
-const READ_AHEAD: u64 = 8 << 20;
+const READ_AHEAD: u64 = 16 << 20;
 const CACHE_BYTES: usize = 96 << 20;
 
 /// One snapshot as the mount shows it; shared by its `.raw` and `.json`.
@@ -102,9 +102,15 @@ pub struct ImageFs {
 impl ImageFs {
     pub fn new(repo: Arc<Repository>) -> Result<Self> {
         let cache = Arc::new(ChunkCache::new(CACHE_BYTES));
-        let (tx, rx) = sync_channel::<ChunkId>(64);
+        let (tx, rx) = sync_channel::<ChunkId>(256);
         let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..2 {
+        // More read-ahead threads than cores: on a cold cache they mostly
+        // wait for the disk, and several reads in flight keep it busy.
+        let threads: usize = std::env::var("STRATA_READAHEAD_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8);
+        for _ in 0..threads {
             let (repo, cache, rx) = (repo.clone(), cache.clone(), rx.clone());
             std::thread::Builder::new()
                 .name("read-ahead".into())

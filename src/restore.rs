@@ -107,7 +107,12 @@ fn write_data(
     skip_zero_blocks: bool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Reading chunk files from a cold cache waits on the disk: more threads
+    // than cores keep several reads in flight while others decode.
+    let workers = std::env::var("STRATA_RESTORE_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| 4 * std::thread::available_parallelism().map_or(2, |n| n.get()));
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);

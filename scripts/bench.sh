@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks for docs/PERFORMANCE.md. Every number in one run,
+# on one machine, against the named peer: restic, zstd, qemu-img convert of
+# a qcow2 chain, qemu-storage-daemon's FUSE export, restic mount, dd.
+#
+#   scripts/bench.sh                  4 GiB image (the issues' size)
+#   BENCH_GIB=1 scripts/bench.sh      quicker
+#   BENCH_DIR=/path scripts/bench.sh  where the scratch data goes (needs ~5x GIB)
+#
+# Needs root (drop_caches, FUSE) and: qemu-utils, restic, fuse3, python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GIB=${BENCH_GIB:-4}
+W=${BENCH_DIR:-/var/tmp/strata-bench}
+DEPTH=${BENCH_DEPTH:-64}
+cargo build --release --quiet
+S="$PWD/target/release/strata"
+rm -rf "$W"; mkdir -p "$W"
+export STRATA_REPO="$W/repo" RESTIC_REPOSITORY="$W/restic" RESTIC_PASSWORD=bench
+QSD_PID=""
+cleanup() {
+    for m in "$W/mnt" "$W/rmnt"; do
+        mountpoint -q "$m" 2>/dev/null && { "$S" umount "$m" 2>/dev/null || umount -l "$m" || true; }
+    done
+    [ -n "$QSD_PID" ] && kill "$QSD_PID" 2>/dev/null || true
+    [ -n "${RESTIC_MOUNT_PID:-}" ] && kill "$RESTIC_MOUNT_PID" 2>/dev/null || true
+    mountpoint -q "$W/qfile" 2>/dev/null && umount -l "$W/qfile" || true
+}
+trap cleanup EXIT
+
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# t NAME CMD...: run, print "NAME seconds maxrss_MiB"
+t() {
+    local name=$1; shift
+    /usr/bin/time -f "%e %M" -o "$W/.time" "$@" > /dev/null 2> "$W/.err" || { cat "$W/.err"; exit 1; }
+    read -r secs kb < "$W/.time"
+    printf '%-44s %8.2f s %8d MiB\n' "$name" "$secs" $((kb / 1024))
+    echo "$secs" > "$W/.last"
+}
+mbps() { python3 -c "print(f'{$1 / 2**20 / $2:.0f} MiB/s')"; }
+# ddread NAME FILE: sequential read throughput with dd bs=1M
+ddread() {
+    local out
+    out=$(dd if="$2" of=/dev/null bs=1M 2>&1 | tail -1)
+    printf '%-44s %s\n' "$1" "$(echo "$out" | awk -F, '{print $NF}')"
+}
+
+echo "# strata benchmark: ${GIB} GiB image, $(nproc) cores, $(date -u +%FT%TZ)"
+python3 scripts/benchdata.py base "$W/disk.raw" "$GIB"
+SIZE=$(stat -c %s "$W/disk.raw")
+ALLOC=$(( $(stat -c %b "$W/disk.raw") * 512 ))
+echo "image: $SIZE bytes virtual, $ALLOC allocated"
+cp --sparse=always "$W/disk.raw" "$W/state.raw"
+
+echo; echo "## full backup (page cache warm for all)"
+cat "$W/disk.raw" > /dev/null
+t "zstd -1 -T2 (compress only)" sh -c "zstd -q -1 -T2 -c '$W/disk.raw' > /dev/null"; ZSTD=$(cat "$W/.last")
+restic init -q > /dev/null
+t "restic backup" restic backup -q "$W/disk.raw"; RESTIC=$(cat "$W/.last")
+"$S" init > /dev/null
+t "strata backup (full)" "$S" -q backup --disk bench "$W/disk.raw"; FULL=$(cat "$W/.last")
+echo "strata/restic speed: $(python3 -c "print(f'{$RESTIC/$FULL:.2f}x')")   strata/zstd speed: $(python3 -c "print(f'{$ZSTD/$FULL:.2f}')")"
+echo "strata full: $(mbps "$ALLOC" "$FULL") of allocated data"
+
+echo; echo "## incrementals (3% of clusters changed each) and the equivalent qcow2 chain"
+qemu-img convert -O qcow2 "$W/disk.raw" "$W/q0.qcow2"
+for i in $(seq 1 8); do
+    python3 scripts/benchdata.py change "$W/state.raw" 3 "$i" "$W/c$i.json"
+    if [ "$i" = 1 ]; then
+        t "strata backup --changes (3%)" "$S" -q backup --disk bench "$W/state.raw" --changes "$W/c$i.json"
+        INC=$(cat "$W/.last")
+        echo "incremental/full time: $(python3 -c "print(f'{100*$INC/$FULL:.1f}%')")"
+    else
+        "$S" -q backup --disk bench "$W/state.raw" --changes "$W/c$i.json" > /dev/null
+    fi
+    qemu-img convert -O qcow2 -B "$W/q$((i-1)).qcow2" -F qcow2 "$W/state.raw" "$W/q$i.qcow2"
+done
+
+echo; echo "## restore of the newest of full + 8 incrementals (cold cache)"
+drop; t "qemu-img convert -O raw (qcow2 chain)" qemu-img convert -O raw "$W/q8.qcow2" "$W/out-q.raw"; QI=$(cat "$W/.last")
+drop; t "strata restore" "$S" -q restore bench@latest "$W/out-s.raw"; SR=$(cat "$W/.last")
+cmp "$W/out-s.raw" "$W/state.raw" && cmp "$W/out-q.raw" "$W/state.raw"
+echo "strata/qemu-img speed: $(python3 -c "print(f'{$QI/$SR:.2f}x')")"
+rm -f "$W/out-q.raw" "$W/out-s.raw"
+
+echo; echo "## mount: sequential read of the newest image (dd bs=1M)"
+mkdir -p "$W/mnt"
+"$S" mount "$W/mnt" > /dev/null
+MPID=$(grep -o 'strata:[0-9]*' /proc/self/mountinfo | head -1 | cut -d: -f2)
+IMG="$W/mnt/bench/latest.raw"
+drop; ddread "strata mount, cold" "$IMG"
+ddread "strata mount, second read (page cache)" "$IMG"
+echo "strata mount RSS after reading: $(awk '/VmHWM/ {print int($2/1024) " MiB"}' /proc/$MPID/status)"
+cat "$W/state.raw" > /dev/null
+ddread "plain raw file, page cache (dd)" "$W/state.raw"
+touch "$W/qfile"
+qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$W/q8.qcow2" \
+    --blockdev driver=qcow2,node-name=q,file=f \
+    --export type=fuse,id=e,node-name=q,mountpoint="$W/qfile",writable=off \
+    --pidfile "$W/qsd.pid" --daemonize
+QSD_PID=$(cat "$W/qsd.pid")
+drop; ddread "qemu-storage-daemon fuse export, cold" "$W/qfile"
+kill "$QSD_PID"; QSD_PID=""
+mkdir -p "$W/rmnt"
+restic mount -q "$W/rmnt" & RESTIC_MOUNT_PID=$!
+while [ ! -e "$W/rmnt/snapshots/latest" ]; do sleep 0.2; done
+RFILE=$(find "$W/rmnt/snapshots/latest/" -name disk.raw | head -1)
+drop; ddread "restic mount, cold" "$RFILE"
+kill "$RESTIC_MOUNT_PID"; wait "$RESTIC_MOUNT_PID" 2>/dev/null || true; RESTIC_MOUNT_PID=""
+
+echo; echo "## chain depth: depth $DEPTH vs depth 1 (0.1% changed per step)"
+cp --sparse=always "$W/disk.raw" "$W/deep.raw"
+"$S" -q backup --disk deep "$W/deep.raw" > /dev/null
+for i in $(seq 1 "$DEPTH"); do
+    python3 scripts/benchdata.py change "$W/deep.raw" 0.1 $((100 + i)) "$W/d.json"
+    "$S" -q backup --disk deep "$W/deep.raw" --changes "$W/d.json" --check-unchanged 0 > /dev/null
+done
+FIRST_INC=$("$S" snapshots --disk deep --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[1]["path"])')
+drop; ddread "depth 1, cold" "$W/mnt/$FIRST_INC"
+drop; ddread "depth $DEPTH, cold" "$W/mnt/deep/latest.raw"
+"$S" umount "$W/mnt" > /dev/null
+
+echo; echo "## peak RSS"
+t "strata backup (full, second disk)" "$S" -q backup --disk bench2 "$W/disk.raw"
+t "strata restore" "$S" -q restore bench@latest "$W/out-s.raw"
+rm -f "$W/out-s.raw"
+echo "done"
