@@ -18,13 +18,14 @@ S="$PWD/target/release/strata"
 rm -rf "$W"; mkdir -p "$W"
 export STRATA_REPO="$W/repo" RESTIC_REPOSITORY="$W/restic" RESTIC_PASSWORD=bench
 QSD_PID=""
+mounted() { grep -q " $1 " /proc/self/mountinfo; }
 cleanup() {
-    for m in "$W/mnt" "$W/rmnt"; do
-        mountpoint -q "$m" 2>/dev/null && { "$S" umount "$m" 2>/dev/null || umount -l "$m" || true; }
+    for m in "$W/mnt"; do
+        mounted "$m" && { "$S" umount "$m" 2>/dev/null || umount -l "$m" || true; }
     done
     [ -n "$QSD_PID" ] && kill "$QSD_PID" 2>/dev/null || true
-    [ -n "${RESTIC_MOUNT_PID:-}" ] && kill "$RESTIC_MOUNT_PID" 2>/dev/null || true
-    mountpoint -q "$W/qfile" 2>/dev/null && umount -l "$W/qfile" || true
+    [ -n "${RESTIC_MOUNT_PID:-}" ] && kill -INT "$RESTIC_MOUNT_PID" 2>/dev/null || true
+    for m in "$W/qfile" "$W/rmnt"; do mounted "$m" && umount -l "$m"; done || true
 }
 trap cleanup EXIT
 
@@ -100,13 +101,15 @@ qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$W/q8.qcow2" \
     --pidfile "$W/qsd.pid" --daemonize
 QSD_PID=$(cat "$W/qsd.pid")
 drop; ddread "qemu-storage-daemon fuse export, cold" "$W/qfile"
-kill "$QSD_PID"; QSD_PID=""
+kill "$QSD_PID"; tail --pid="$QSD_PID" -f /dev/null; QSD_PID=""
+mounted "$W/qfile" && umount -l "$W/qfile"
 mkdir -p "$W/rmnt"
 restic mount -q "$W/rmnt" & RESTIC_MOUNT_PID=$!
 while [ ! -e "$W/rmnt/snapshots/latest" ]; do sleep 0.2; done
 RFILE=$(find "$W/rmnt/snapshots/latest/" -name disk.raw | head -1)
 drop; ddread "restic mount, cold" "$RFILE"
-kill "$RESTIC_MOUNT_PID"; wait "$RESTIC_MOUNT_PID" 2>/dev/null || true; RESTIC_MOUNT_PID=""
+kill -INT "$RESTIC_MOUNT_PID"; wait "$RESTIC_MOUNT_PID" 2>/dev/null || true; RESTIC_MOUNT_PID=""
+mounted "$W/rmnt" && umount -l "$W/rmnt"
 
 echo; echo "## chain depth: depth $DEPTH vs depth 1 (0.1% changed per step)"
 cp --sparse=always "$W/disk.raw" "$W/deep.raw"

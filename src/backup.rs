@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::extent::{ByteRange, ExtentKind};
 use crate::image::{self, ChunkCache};
 use crate::image_map::{ImageMap, Segment};
-use crate::lock::{LockMode, RepoLock};
+use crate::lock::{Activity, Registration};
 use crate::name::{DiskName, Selector, SnapshotRef};
 use crate::repo::{NewSnapshot, Repository};
 use crate::snapshot::{SnapshotInfo, SnapshotKind};
@@ -56,12 +56,8 @@ pub fn backup(
             opts.check_unchanged
         )));
     }
-    let _lock = RepoLock::acquire(
-        repo.root(),
-        LockMode::Shared,
-        &format!("backup {disk}"),
-        true,
-    )?;
+    let _registration =
+        Registration::new(repo.root(), Activity::Backup, &format!("backup {disk}"))?;
     let size = source.size();
     let (kind, parent, plan) = match &opts.changes {
         None => {

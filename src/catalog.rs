@@ -160,6 +160,36 @@ impl Writer<'_> {
         Ok(max + 1)
     }
 
+    /// Replace a snapshot's metadata and maps (forget, protect).
+    pub fn update(&self, rec: &SnapshotRecord) -> Result<()> {
+        let i = &rec.info;
+        let n = self.conn.execute(
+            "UPDATE snapshots SET kind = ?3, parent = ?4, protected = ?5, own_map = ?6, image_map = ?7
+             WHERE disk = ?1 AND id = ?2",
+            params![
+                i.disk.as_str(),
+                i.id.as_str(),
+                i.kind.as_str(),
+                i.parent.as_ref().map(|p| p.as_str()),
+                i.protected,
+                rec.own.encode(),
+                rec.image.encode(),
+            ],
+        )?;
+        if n != 1 {
+            return Err(crate::Error::SnapshotNotFound(i.reference()));
+        }
+        Ok(())
+    }
+
+    pub fn delete(&self, disk: &DiskName, id: &SnapshotId) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM snapshots WHERE disk = ?1 AND id = ?2",
+            params![disk.as_str(), id.as_str()],
+        )?;
+        Ok(())
+    }
+
     pub fn insert(&self, rec: &SnapshotRecord) -> Result<()> {
         let i = &rec.info;
         self.conn.execute(

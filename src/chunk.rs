@@ -179,7 +179,9 @@ impl ChunkStore {
     pub fn put(&self, data: &[u8]) -> Result<PutOutcome> {
         let id = ChunkId::of(data);
         let path = self.path(&id);
-        if path.exists() {
+        // An existing chunk is touched instead: gc keeps chunks newer than
+        // the oldest running backup, and the touch fails if gc moved it away.
+        if touch(&path) {
             return Ok(PutOutcome { id, stored: 0 });
         }
         let body = encode(data, self.level)?;
@@ -209,7 +211,12 @@ impl ChunkStore {
     /// Read and decode a chunk, checking its hash.
     pub fn get_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()> {
         let path = self.path(id);
-        let file = fs::read(&path).map_err(|e| Error::BadChunk {
+        let file = match fs::read(&path) {
+            // gc may be checking it under its trash name at this moment.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::read(trash_path(&path)),
+            other => other,
+        }
+        .map_err(|e| Error::BadChunk {
             hash: id.to_hex(),
             message: format!("cannot read {}: {e}", path.display()),
         })?;
@@ -244,6 +251,21 @@ impl ChunkStore {
         }
         Ok(out)
     }
+}
+
+/// Where gc puts a chunk while it decides whether to delete it.
+pub fn trash_path(chunk: &Path) -> PathBuf {
+    chunk.with_extension("trash")
+}
+
+/// Set the file's mtime to now; false if it does not exist.
+pub fn touch(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: utimensat with a valid path and NULL times (= now).
+    unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), 0) == 0 }
 }
 
 #[cfg(test)]

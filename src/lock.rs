@@ -1,34 +1,146 @@
-//! Repository locks: `flock` on `<repo>/lock`, which the kernel drops when a
-//! process dies, so no lock is ever stale.
+//! Who is using the repository, kept in `locks/` with `flock`, which the
+//! kernel releases when a process dies: no lock is ever stale.
 //!
-//! Backups, receives and mounts hold it shared; gc, prune and forget hold it
-//! exclusively. Each holder also leaves `locks/<pid>` naming what it does, so
-//! that a blocked command can say who is in the way.
+//! - Backups, receives and mounts each hold a [`Registration`]: the file
+//!   `locks/<pid>.<kind>` with their start time, locked shared for their
+//!   whole life. gc reads them to keep what running backups wrote, and
+//!   refuses to delete anything while a mount is live.
+//! - forget, prune, gc and repair take the [`MaintenanceLock`]: one at a time.
 
 use std::fs::{self, File, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LockMode {
-    Shared,
-    Exclusive,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activity {
+    Backup,
+    Mount,
 }
 
+/// What a registration file says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Holder {
+    pub pid: u32,
+    pub activity: Activity,
+    pub what: String,
+    /// Seconds since the epoch (with fraction) when the activity started.
+    pub started: f64,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} ({})", self.pid, self.what)
+    }
+}
+
+fn flock(file: &File, op: i32) -> bool {
+    // SAFETY: flock on a descriptor we own.
+    unsafe { libc::flock(file.as_raw_fd(), op) == 0 }
+}
+
+fn locks_dir(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("locks");
+    fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// A running backup or mount, visible to gc until dropped (or the process dies).
 #[derive(Debug)]
-pub struct RepoLock {
+pub struct Registration {
     _file: File,
-    note: PathBuf,
+    path: PathBuf,
+    pub holder: Holder,
 }
 
-impl RepoLock {
-    /// Take the lock, waiting for it if `wait`, else failing with the holders.
-    pub fn acquire(root: &Path, mode: LockMode, what: &str, wait: bool) -> Result<Self> {
-        let path = root.join("lock");
-        let file = OpenOptions::new()
+impl Registration {
+    pub fn new(root: &Path, activity: Activity, what: &str) -> Result<Self> {
+        let started = now_secs();
+        let holder = Holder {
+            pid: std::process::id(),
+            activity,
+            what: what.to_string(),
+            started,
+        };
+        let kind = match activity {
+            Activity::Backup => "backup",
+            Activity::Mount => "mount",
+        };
+        // Several registrations per process are possible (tests, receive).
+        let path =
+            locks_dir(root)?.join(format!("{}.{kind}.{}", holder.pid, (started * 1e6) as u64));
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .ctx(|| format!("create {}", path.display()))?;
+        if !flock(&file, libc::LOCK_SH) {
+            return Err(Error::io("flock", std::io::Error::last_os_error()));
+        }
+        file.write_all(&serde_json::to_vec(&holder).expect("holder serializes"))
+            .ctx(|| format!("write {}", path.display()))?;
+        Ok(Registration {
+            _file: file,
+            path,
+            holder,
+        })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Live registrations; stale ones (their process died) are removed.
+pub fn holders(root: &Path) -> Result<Vec<Holder>> {
+    let mut out = Vec::new();
+    let dir = locks_dir(root)?;
+    for entry in fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))? {
+        let path = entry.ctx(|| "list locks".into())?.path();
+        if path.extension().is_some_and(|e| e == "lock") {
+            continue;
+        }
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        // If we can lock it exclusively, nobody holds it: a leftover.
+        if flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            let _ = fs::remove_file(&path);
+            continue;
+        }
+        let holder = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Holder>(&b).ok());
+        if let Some(h) = holder {
+            out.push(h);
+        }
+    }
+    Ok(out)
+}
+
+/// The one maintenance operation (forget, prune, gc, repair) at a time.
+#[derive(Debug)]
+pub struct MaintenanceLock {
+    _file: File,
+}
+
+impl MaintenanceLock {
+    /// Take the lock or fail at once, naming the process that holds it.
+    pub fn acquire(root: &Path, what: &str) -> Result<Self> {
+        let path = locks_dir(root)?.join("maintenance.lock");
+        let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -36,55 +148,51 @@ impl RepoLock {
             .mode(0o600)
             .open(&path)
             .ctx(|| format!("open {}", path.display()))?;
-        let op = match mode {
-            LockMode::Shared => libc::LOCK_SH,
-            LockMode::Exclusive => libc::LOCK_EX,
-        };
-        // SAFETY: flock on a file descriptor we own.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
-        if rc != 0 {
-            let holders = holders(root);
-            if !wait {
-                return Err(Error::Busy(format!(
-                    "cannot {what}: the repository is in use by {holders}"
-                )));
-            }
-            log::warn!("waiting for the repository lock held by {holders}");
-            // SAFETY: as above, blocking this time.
-            if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
-                return Err(Error::io("flock", std::io::Error::last_os_error()));
-            }
+        if !flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            let who = fs::read_to_string(&path).unwrap_or_default();
+            return Err(Error::Busy(format!(
+                "cannot {what}: {} is running; try again when it has finished",
+                if who.trim().is_empty() {
+                    "another maintenance command"
+                } else {
+                    who.trim()
+                }
+            )));
         }
-        let dir = root.join("locks");
-        fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
-        let note = dir.join(std::process::id().to_string());
-        let _ = fs::write(&note, what);
-        Ok(RepoLock { _file: file, note })
+        file.set_len(0)
+            .ctx(|| format!("truncate {}", path.display()))?;
+        let _ = write!(file, "pid {} ({what})", std::process::id());
+        Ok(MaintenanceLock { _file: file })
     }
 }
 
-impl Drop for RepoLock {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.note);
-    }
+pub fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// "pid 123 (backup vm1/vda), pid 456 (mount /mnt)": live holders only.
-fn holders(root: &Path) -> String {
-    let mut out = Vec::new();
-    if let Ok(rd) = fs::read_dir(root.join("locks")) {
-        for entry in rd.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            let alive = Path::new("/proc").join(&name).exists();
-            if alive {
-                let what = fs::read_to_string(entry.path()).unwrap_or_default();
-                out.push(format!("pid {name} ({what})"));
-            }
-        }
-    }
-    if out.is_empty() {
-        "another strata process".to_string()
-    } else {
-        out.join(", ")
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registrations_and_maintenance() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Registration::new(dir.path(), Activity::Backup, "backup a").unwrap();
+        let _b = Registration::new(dir.path(), Activity::Mount, "mount /m").unwrap();
+        assert_eq!(holders(dir.path()).unwrap().len(), 2);
+        drop(a);
+        let left = holders(dir.path()).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].activity, Activity::Mount);
+
+        let m = MaintenanceLock::acquire(dir.path(), "gc").unwrap();
+        // flock locks belong to the open file description: a second open in
+        // the same process conflicts, as another process would.
+        let err = MaintenanceLock::acquire(dir.path(), "prune").unwrap_err();
+        assert!(err.to_string().contains("(gc) is running"), "{err}");
+        drop(m);
+        MaintenanceLock::acquire(dir.path(), "prune").unwrap();
     }
 }

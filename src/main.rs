@@ -9,11 +9,15 @@ use clap::{Args, Parser, Subcommand};
 use strata::backup::{self, BackupOptions};
 use strata::changes;
 use strata::extent::{ExtentDoc, EXTENTS_FORMAT};
+use strata::lock::MaintenanceLock;
 use strata::mount::{self, MountOptions, Unmounted};
 use strata::name::{DiskName, SnapshotRef};
+use strata::prune::{self, Policy};
 use strata::repo::Repository;
 use strata::snapshot::{format_time, parse_time};
 use strata::source::FileSource;
+use strata::verify::{self, Subset, VerifyOptions};
+use strata::{forget, gc, repair};
 
 #[derive(Parser)]
 #[command(
@@ -73,6 +77,67 @@ enum Command {
     },
     /// Unmount a strata mount (also a stale one left by a killed process).
     Umount { mountpoint: PathBuf },
+    /// Check that snapshots read back intact (all when none are named).
+    Verify {
+        snapshots: Vec<String>,
+        /// Check presence and metadata only, without reading chunk data.
+        #[arg(long)]
+        quick: bool,
+        /// Read only a subset of the chunks: N/T (group N of T) or P%.
+        #[arg(long)]
+        read_data_subset: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove snapshots; their children are rewritten and stay readable.
+    Forget {
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+        /// Also delete the data no snapshot references any more.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Apply a retention policy, then collect garbage.
+    Prune(PruneArgs),
+    /// Never remove this snapshot (prune and forget refuse).
+    Protect { snapshot: String },
+    /// Undo protect.
+    Unprotect { snapshot: String },
+    /// Delete data no snapshot references.
+    Gc,
+    /// Repair the repository.
+    Repair {
+        /// Rebuild the SQLite catalog from the manifest files.
+        #[arg(long, required = true)]
+        rebuild_catalog: bool,
+    },
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    #[arg(long)]
+    keep_last: Option<usize>,
+    #[arg(long)]
+    keep_hourly: Option<usize>,
+    #[arg(long)]
+    keep_daily: Option<usize>,
+    #[arg(long)]
+    keep_weekly: Option<usize>,
+    #[arg(long)]
+    keep_monthly: Option<usize>,
+    #[arg(long)]
+    keep_yearly: Option<usize>,
+    /// Keep everything this much younger than the newest (e.g. 7d, 12h, 1y6m).
+    #[arg(long)]
+    keep_within: Option<String>,
+    /// Only this disk.
+    #[arg(long)]
+    disk: Option<String>,
+    /// Show what would be kept and removed; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -312,6 +377,139 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 mountpoint.display()
             ),
         },
+        Command::Verify {
+            snapshots,
+            quick,
+            read_data_subset,
+            json,
+        } => {
+            let repo = open(&cli)?;
+            let infos = snapshots
+                .iter()
+                .map(|r| Ok(repo.resolve(&SnapshotRef::parse(r)?)?))
+                .collect::<Result<Vec<_>>>()?;
+            let opts = VerifyOptions {
+                quick: *quick,
+                subset: read_data_subset
+                    .as_deref()
+                    .map(Subset::parse)
+                    .transpose()?
+                    .unwrap_or(Subset::All),
+            };
+            let report = verify::verify(&repo, &infos, &opts)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for d in &report.damaged {
+                    println!("DAMAGED {}: {}", d.snapshot, d.reason);
+                    for [o, l] in &d.ranges {
+                        println!("    bytes {o}..{} ({l} bytes)", o + l);
+                    }
+                }
+                println!(
+                    "{}: {} snapshots, {} chunks checked{}",
+                    if report.ok { "ok" } else { "damage found" },
+                    report.checked_snapshots,
+                    report.checked_chunks,
+                    if *quick { " (presence only)" } else { "" }
+                );
+            }
+            if !report.ok {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Forget { snapshots, prune } => {
+            let repo = open(&cli)?;
+            let lock = MaintenanceLock::acquire(repo.root(), "forget")?;
+            // Resolve all first, so that a typo removes nothing.
+            let infos = snapshots
+                .iter()
+                .map(|r| Ok(repo.resolve(&SnapshotRef::parse(r)?)?))
+                .collect::<Result<Vec<_>>>()?;
+            if let Some(p) = infos.iter().find(|i| i.protected) {
+                bail!(
+                    "{} is protected; unprotect it first (nothing was removed)",
+                    p.reference()
+                );
+            }
+            for info in &infos {
+                forget::forget_one(&repo, info)?;
+                println!("removed {}", info.reference());
+            }
+            if *prune {
+                let r = gc::gc(&repo, &lock)?;
+                println!(
+                    "gc: deleted {} chunks, freed {} bytes",
+                    r.deleted_chunks, r.freed_bytes
+                );
+            }
+        }
+        Command::Prune(a) => {
+            let repo = open(&cli)?;
+            let policy = Policy {
+                last: a.keep_last,
+                hourly: a.keep_hourly,
+                daily: a.keep_daily,
+                weekly: a.keep_weekly,
+                monthly: a.keep_monthly,
+                yearly: a.keep_yearly,
+                within: a
+                    .keep_within
+                    .as_deref()
+                    .map(prune::parse_duration)
+                    .transpose()?,
+            };
+            let disk = a.disk.as_deref().map(DiskName::parse).transpose()?;
+            let report = prune::prune(&repo, &policy, disk.as_ref(), a.dry_run)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let verb = if a.dry_run { "would " } else { "" };
+                for k in &report.plan.keep {
+                    println!("keep    {}  ({})", k.snapshot, k.rules.join(", "));
+                }
+                for r in &report.plan.remove {
+                    println!("{verb}remove  {r}");
+                }
+                if let Some(why) = &report.gc_skipped {
+                    println!("gc skipped: {why}");
+                } else if !a.dry_run {
+                    println!("freed {} bytes", report.freed_bytes);
+                }
+            }
+        }
+        Command::Protect { snapshot } | Command::Unprotect { snapshot } => {
+            let protect = matches!(cli.command, Command::Protect { .. });
+            let repo = open(&cli)?;
+            let _lock = MaintenanceLock::acquire(repo.root(), "protect")?;
+            let info = repo.resolve(&SnapshotRef::parse(snapshot)?)?;
+            forget::set_protected(&repo, &info, protect)?;
+            println!(
+                "{} {}",
+                if protect { "protected" } else { "unprotected" },
+                info.reference()
+            );
+        }
+        Command::Gc => {
+            let repo = open(&cli)?;
+            let lock = MaintenanceLock::acquire(repo.root(), "gc")?;
+            let r = gc::gc(&repo, &lock)?;
+            println!(
+                "deleted {} chunks ({} bytes), {} unreferenced manifests, {} temporaries; kept {} recent chunks",
+                r.deleted_chunks, r.freed_bytes, r.removed_manifests, r.removed_temporaries, r.kept_recent
+            );
+        }
+        Command::Repair { .. } => {
+            let path = repo_path(&cli)?;
+            let r = repair::rebuild_catalog(&path)?;
+            for s in &r.skipped {
+                eprintln!("skipped {s}");
+            }
+            println!("rebuilt the catalog: {} snapshots", r.restored);
+            if !r.skipped.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Restore { snapshot, target } => {
             let repo = open(&cli)?;
             let info = repo.resolve(&SnapshotRef::parse(snapshot)?)?;

@@ -184,3 +184,24 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
         .and_then(|d| d.sync_all())
         .ctx(|| format!("fsync {}", dir.display()))
 }
+
+/// Every file under the manifests directory.
+pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    walk(dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir).ctx(|| format!("list {}", dir.display()))? {
+        let entry = entry.ctx(|| format!("list {}", dir.display()))?;
+        let ft = entry.file_type().ctx(|| "file type".into())?;
+        if ft.is_dir() {
+            walk(&entry.path(), out)?;
+        } else {
+            out.push(entry.path());
+        }
+    }
+    Ok(())
+}

@@ -13,7 +13,7 @@ use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fusefs::ImageFs;
-use crate::lock::{LockMode, RepoLock};
+use crate::lock::{Activity, Registration};
 use crate::repo::Repository;
 
 #[derive(Debug, Clone, Default)]
@@ -60,11 +60,10 @@ pub fn serve(
     let mnt = mnt
         .canonicalize()
         .ctx(|| format!("mount point {}", mnt.display()))?;
-    let _lock = RepoLock::acquire(
+    let _registration = Registration::new(
         repo.root(),
-        LockMode::Shared,
+        Activity::Mount,
         &format!("mount {}", mnt.display()),
-        false,
     )?;
     // Block the signals before any thread starts, so that every thread
     // inherits the mask and only the signal thread below receives them.

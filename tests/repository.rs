@@ -2,11 +2,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::process::Stdio;
 
-use common::{assert_same, sh, Env, Qcow};
+use common::{assert_same, sh, Env, Paused, Qcow};
 
 const MIB: u64 = 1 << 20;
 
@@ -345,21 +343,7 @@ fn killed_backup_leaves_repository_intact() {
         "backup:captured",
         "commit:manifest-written",
     ] {
-        let mut child = env
-            .cmd()
-            .args(["backup", "--disk", "k", t1.to_str().unwrap()])
-            .env("STRATA_TEST_PAUSE", step)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let reached = stderr
-            .lines()
-            .map_while(Result::ok)
-            .any(|l| l == format!("STRATA_TEST_PAUSED {step}"));
-        assert!(reached, "backup never reached {step}");
-        child.kill().unwrap();
-        child.wait().unwrap();
+        Paused::start(&env, &["backup", "--disk", "k", t1.to_str().unwrap()], step).kill();
 
         let listed = env.snapshots();
         assert_eq!(listed.len(), 1, "after kill at {step}: {listed:?}");

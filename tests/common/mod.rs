@@ -221,6 +221,28 @@ impl Qcow {
 /// its dirty bitmap, plus a differential after the second incremental.
 /// Returns every snapshot's `DISK@ID` with its truth, in order.
 pub fn qemu_chain(env: &Env, disk_name: &str, n: usize) -> Vec<(String, PathBuf)> {
+    qemu_chain_at(env, disk_name, n, &|_| None)
+}
+
+/// As [`qemu_chain`], with `--time time_of(k)` for the k-th snapshot taken
+/// (0 is the full; the differential is taken right after incremental 2).
+pub fn qemu_chain_at(
+    env: &Env,
+    disk_name: &str,
+    n: usize,
+    time_of: &dyn Fn(usize) -> Option<String>,
+) -> Vec<(String, PathBuf)> {
+    let mut taken = 0;
+    let mut backup = |args: &[&str]| {
+        let mut args = args.to_vec();
+        let time = time_of(taken);
+        taken += 1;
+        if let Some(t) = &time {
+            args.push("--time");
+            args.push(t);
+        }
+        env.backup(&args)
+    };
     let tag = disk_name.replace('/', "_");
     let disk = Qcow::create(env.path(&format!("{tag}.qcow2")), (64 << 20) + 4608);
     disk.add_bitmap("inc");
@@ -231,7 +253,7 @@ pub fn qemu_chain(env: &Env, disk_name: &str, n: usize) -> Vec<(String, PathBuf)
         "write -z 56M 1M",
     ]);
     let truth = disk.truth(&env.path(&format!("{tag}-t0.raw")));
-    let full = env.backup(&["--disk", disk_name, truth.to_str().unwrap()]);
+    let full = backup(&["--disk", disk_name, truth.to_str().unwrap()]);
     disk.clear_bitmap("inc");
     disk.clear_bitmap("diff");
     let mut out = vec![(full.clone(), truth)];
@@ -248,7 +270,7 @@ pub fn qemu_chain(env: &Env, disk_name: &str, n: usize) -> Vec<(String, PathBuf)
         disk.io(&cmds);
         let truth = disk.truth(&env.path(&format!("{tag}-t{i}.raw")));
         let map = disk.dirty_map("inc", &env.path(&format!("{tag}-inc{i}.json")));
-        let snap = env.backup(&[
+        let snap = backup(&[
             "--disk",
             disk_name,
             truth.to_str().unwrap(),
@@ -259,7 +281,7 @@ pub fn qemu_chain(env: &Env, disk_name: &str, n: usize) -> Vec<(String, PathBuf)
         out.push((snap, truth.clone()));
         if i == 2 {
             let map = disk.dirty_map("diff", &env.path(&format!("{tag}-diff.json")));
-            let snap = env.backup(&[
+            let snap = backup(&[
                 "--disk",
                 disk_name,
                 truth.to_str().unwrap(),
@@ -340,4 +362,103 @@ pub fn wait_exit(pid: i32) {
         libc::poll(&mut pfd, 1, 30_000);
         libc::close(fd as i32);
     }
+}
+
+/// A strata process stopped at a `STRATA_TEST_PAUSE` step.
+pub struct Paused {
+    pub child: std::process::Child,
+}
+
+impl Paused {
+    /// Start `strata args` and return once it has reached `step`.
+    pub fn start(env: &Env, args: &[&str], step: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = env
+            .cmd()
+            .args(args)
+            .env("STRATA_TEST_PAUSE", step)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let marker = format!("STRATA_TEST_PAUSED {step}");
+        let mut seen = Vec::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            if line == marker {
+                return Paused { child };
+            }
+            seen.push(line);
+        }
+        let _ = child.wait();
+        panic!("strata {args:?} never reached {step}: {seen:?}");
+    }
+
+    /// kill -9, and reap.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Let it go on; return its output.
+    pub fn resume(mut self) -> Output {
+        drop(self.child.stdin.take());
+        self.child.wait_with_output().unwrap()
+    }
+}
+
+/// Bytes from a fixed-seed xorshift: unique, incompressible test data.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A raw disk of random data and incrementals of it, each with a strata
+/// change list; returns `(DISK@ID, truth)` in order.
+pub fn raw_chain(env: &Env, disk: &str, size: u64, n: usize) -> Vec<(String, PathBuf)> {
+    use std::os::unix::fs::FileExt;
+    let tag = disk.replace('/', "_");
+    let state = env.path(&format!("{tag}.raw"));
+    let f = std::fs::File::create(&state).unwrap();
+    f.set_len(size).unwrap();
+    f.write_all_at(&random_bytes(7, (size / 2) as usize), 0)
+        .unwrap();
+    let truth = env.path(&format!("{tag}-t0.raw"));
+    std::fs::copy(&state, &truth).unwrap();
+    let mut out = vec![(
+        env.backup(&["--disk", disk, state.to_str().unwrap()]),
+        truth,
+    )];
+    for i in 1..=n as u64 {
+        // Every other incremental overwrites the same range: garbage for gc.
+        let off = 1_000_000 + (i % 2) * 300_000;
+        f.write_all_at(&random_bytes(100 + i, 200_000), off)
+            .unwrap();
+        let json = env.path(&format!("{tag}-c{i}.json"));
+        std::fs::write(
+            &json,
+            format!(r#"{{"extents": [{{"offset": {off}, "length": 200000}}]}}"#),
+        )
+        .unwrap();
+        let truth = env.path(&format!("{tag}-t{i}.raw"));
+        std::fs::copy(&state, &truth).unwrap();
+        let snap = env.backup(&[
+            "--disk",
+            disk,
+            state.to_str().unwrap(),
+            "--changes",
+            json.to_str().unwrap(),
+        ]);
+        out.push((snap, truth));
+    }
+    out
 }

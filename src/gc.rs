@@ -1,0 +1,194 @@
+//! Garbage collection: delete chunks no snapshot references, manifests
+//! without a catalog row, and temporaries of interrupted work.
+//!
+//! gc runs beside backups. Each backup registers its start time (see
+//! `lock`), and storing a chunk that already exists touches its mtime, so a
+//! chunk is only a candidate when it is unreferenced *and* older than the
+//! oldest running backup. A candidate is renamed to `<hash>.trash`, its
+//! mtime checked again (a backup may have touched it just before), and only
+//! then deleted; a touch after the rename fails and makes the backup write
+//! the chunk anew. While a mount is live, gc refuses: the mount may be
+//! serving a snapshot that was just forgotten.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::chunk::{trash_path, ChunkId};
+use crate::error::{Error, IoContext, Result};
+use crate::lock::{self, Activity, MaintenanceLock};
+use crate::manifest;
+use crate::repo::Repository;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    pub deleted_chunks: usize,
+    pub freed_bytes: u64,
+    /// Unreferenced but written since the oldest running backup started.
+    pub kept_recent: usize,
+    pub removed_manifests: usize,
+    pub removed_temporaries: usize,
+}
+
+/// Seconds of slack under the cutoff: file systems stamp mtimes from a
+/// coarse clock that can lag the one `now_secs` reads by a tick.
+const MARGIN_SECS: f64 = 0.1;
+
+pub fn gc(repo: &Repository, _lock: &MaintenanceLock) -> Result<GcReport> {
+    let holders = lock::holders(repo.root())?;
+    if let Some(m) = holders.iter().find(|h| h.activity == Activity::Mount) {
+        return Err(Error::Busy(format!(
+            "gc would delete data a mount may still serve: the repository is in use by {m}; unmount it first"
+        )));
+    }
+    let oldest = holders
+        .iter()
+        .filter(|h| h.activity == Activity::Backup)
+        .map(|h| h.started)
+        .fold(lock::now_secs(), f64::min);
+    let cutoff = oldest - MARGIN_SECS;
+
+    let snaps = repo.snapshots(None)?;
+    // Before deleting anything: an empty catalog beside manifests means a
+    // lost catalog, and everything would look unreferenced.
+    if snaps.is_empty()
+        && manifest::list_files(&repo.manifests_dir())?
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "json"))
+    {
+        return Err(Error::invalid(
+            "the catalog lists no snapshots but manifests exist: if the catalog was lost, \
+             run `strata repair --rebuild-catalog` before gc",
+        ));
+    }
+    let mut referenced: HashSet<ChunkId> = HashSet::new();
+    for s in &snaps {
+        referenced.extend(repo.image_map(s)?.chunks());
+    }
+    crate::testhook::pause("gc:marked");
+
+    let mut report = GcReport::default();
+    for path in repo.chunks().list_files()? {
+        sweep_chunk_file(&path, &referenced, cutoff, &mut report)?;
+    }
+    sweep_manifests(repo, &snaps, cutoff, &mut report)?;
+    log::info!(
+        "gc: deleted {} chunks ({} bytes), kept {} recent",
+        report.deleted_chunks,
+        report.freed_bytes,
+        report.kept_recent
+    );
+    Ok(report)
+}
+
+fn mtime_secs(path: &Path) -> Option<f64> {
+    let m = fs::metadata(path).ok()?.modified().ok()?;
+    Some(m.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs_f64())
+}
+
+fn sweep_chunk_file(
+    path: &Path,
+    referenced: &HashSet<ChunkId>,
+    cutoff: f64,
+    report: &mut GcReport,
+) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let (hex, rest) = name.split_at(name.len().min(64));
+    let Ok(id) = ChunkId::from_hex(hex) else {
+        log::warn!("gc: ignoring unexpected file {}", path.display());
+        return Ok(());
+    };
+    let recent = mtime_secs(path).is_some_and(|t| t >= cutoff);
+    let chunk = path.with_file_name(hex);
+    match rest {
+        "" if referenced.contains(&id) => {}
+        "" if recent => report.kept_recent += 1,
+        "" => {
+            let trash = trash_path(&chunk);
+            fs::rename(&chunk, &trash).ctx(|| format!("rename {}", chunk.display()))?;
+            crate::testhook::pause("gc:trashed");
+            delete_or_restore(&trash, &chunk, cutoff, report)?;
+        }
+        ".trash" => {
+            // Left by an interrupted gc: finish the decision it was making.
+            if referenced.contains(&id) || recent {
+                if !chunk.exists() {
+                    fs::rename(path, &chunk).ctx(|| format!("restore {}", path.display()))?;
+                } else {
+                    fs::remove_file(path).ctx(|| format!("remove {}", path.display()))?;
+                }
+            } else {
+                delete_or_restore(path, &chunk, cutoff, report)?;
+            }
+        }
+        _ if rest.starts_with(".tmp.") => {
+            if !recent {
+                fs::remove_file(path).ctx(|| format!("remove {}", path.display()))?;
+                report.removed_temporaries += 1;
+            }
+        }
+        _ => log::warn!("gc: ignoring unexpected file {}", path.display()),
+    }
+    Ok(())
+}
+
+fn delete_or_restore(trash: &Path, chunk: &Path, cutoff: f64, report: &mut GcReport) -> Result<()> {
+    let meta = fs::metadata(trash).ctx(|| format!("stat {}", trash.display()))?;
+    let touched = mtime_secs(trash).is_some_and(|t| t >= cutoff);
+    if touched {
+        fs::rename(trash, chunk).ctx(|| format!("restore {}", trash.display()))?;
+        report.kept_recent += 1;
+    } else {
+        fs::remove_file(trash).ctx(|| format!("remove {}", trash.display()))?;
+        report.deleted_chunks += 1;
+        report.freed_bytes += meta.len();
+    }
+    Ok(())
+}
+
+/// Remove manifests whose snapshot is not in the catalog, and temporaries.
+fn sweep_manifests(
+    repo: &Repository,
+    snaps: &[crate::snapshot::SnapshotInfo],
+    cutoff: f64,
+    report: &mut GcReport,
+) -> Result<()> {
+    let known: HashSet<String> = snaps
+        .iter()
+        .map(|s| format!("{}/{}.json", s.disk, s.id))
+        .collect();
+    let dir = repo.manifests_dir();
+    let files = crate::manifest::list_files(&dir)?;
+    let manifests = files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .count();
+    if snaps.is_empty() && manifests > 0 {
+        return Err(Error::invalid(
+            "the catalog lists no snapshots but manifests exist: if the catalog was lost, \
+             run `strata repair --rebuild-catalog` before gc",
+        ));
+    }
+    for path in files {
+        let rel = path
+            .strip_prefix(&dir)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .to_string();
+        // A running backup writes its manifest just before its catalog row.
+        let old = mtime_secs(&path).is_some_and(|t| t < cutoff);
+        if rel.contains(".json.tmp.") {
+            if old {
+                fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
+                report.removed_temporaries += 1;
+            }
+        } else if rel.ends_with(".json") && !known.contains(&rel) && old {
+            fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
+            report.removed_manifests += 1;
+        }
+    }
+    Ok(())
+}

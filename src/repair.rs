@@ -1,0 +1,97 @@
+//! `repair --rebuild-catalog`: recreate the SQLite catalog from the
+//! manifest files (invariant 8). Parents are resolved before children, so
+//! each image map is recomputed exactly as it was at commit.
+
+use std::collections::HashMap;
+use std::fs;
+
+use crate::catalog::{Catalog, SnapshotRecord};
+use crate::error::{Error, IoContext, Result};
+use crate::image_map::ImageMap;
+use crate::lock::{self, MaintenanceLock};
+use crate::manifest;
+use crate::repo::Repository;
+use crate::snapshot::SnapshotInfo;
+
+#[derive(Debug, Default)]
+pub struct RebuildReport {
+    pub restored: usize,
+    /// Manifests that could not be used, with why.
+    pub skipped: Vec<String>,
+}
+
+/// Rebuild `<repo>/catalog.db` from `<repo>/manifests`. Nothing else may use
+/// the repository meanwhile.
+pub fn rebuild_catalog(root: &std::path::Path) -> Result<RebuildReport> {
+    let _lock = MaintenanceLock::acquire(root, "repair")?;
+    if let Some(h) = lock::holders(root)?.first() {
+        return Err(Error::Busy(format!("the repository is in use by {h}")));
+    }
+    let dir = root.join("manifests");
+    let mut report = RebuildReport::default();
+    let mut pending: Vec<(SnapshotInfo, ImageMap)> = Vec::new();
+    for path in manifest::list_files(&dir)? {
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        match manifest::read(&path).and_then(|m| m.decode()) {
+            Ok(x) => pending.push(x),
+            Err(e) => report.skipped.push(format!("{}: {e}", path.display())),
+        }
+    }
+    // Parents before children: a parent is always older than its child.
+    pending.sort_by(|a, b| (a.0.time, &a.0.id).cmp(&(b.0.time, &b.0.id)));
+
+    let tmp = root.join("catalog.db.rebuild");
+    let _ = fs::remove_file(&tmp);
+    let mut catalog = Catalog::open(&tmp)?;
+    let mut images: HashMap<String, ImageMap> = HashMap::new();
+    let mut records = Vec::new();
+    // Retry until no progress, in case times are out of parent order.
+    loop {
+        let before = pending.len();
+        pending.retain(|(info, own)| {
+            let image = match &info.parent {
+                None => own.clone(),
+                Some(p) => match images.get(&format!("{}@{p}", info.disk)) {
+                    Some(parent) => parent.overlay(own),
+                    None => return true,
+                },
+            };
+            images.insert(info.reference(), image.clone());
+            records.push(SnapshotRecord {
+                info: info.clone(),
+                own: own.clone(),
+                image,
+            });
+            false
+        });
+        if pending.is_empty() || pending.len() == before {
+            break;
+        }
+    }
+    for (info, _) in pending {
+        report.skipped.push(format!(
+            "{}: its parent {} has no usable manifest",
+            info.reference(),
+            info.parent.map(|p| p.to_string()).unwrap_or_default()
+        ));
+    }
+    catalog.write(|w| {
+        for r in &records {
+            w.insert(r)?;
+        }
+        Ok(())
+    })?;
+    drop(catalog);
+    for suffix in ["-wal", "-shm"] {
+        let _ = fs::remove_file(root.join(format!("catalog.db{suffix}")));
+        let _ = fs::remove_file(root.join(format!("catalog.db.rebuild{suffix}")));
+    }
+    fs::rename(&tmp, root.join("catalog.db")).ctx(|| "install the rebuilt catalog".into())?;
+    manifest::fsync_dir(root)?;
+    report.restored = records.len();
+    // Opening it proves it usable.
+    Repository::open(root)?;
+    Ok(report)
+}
