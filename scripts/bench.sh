@@ -75,6 +75,8 @@ for i in $(seq 1 8); do
         "$S" -q backup --disk bench "$W/state.raw" --changes "$W/c$i.json" > /dev/null
     fi
     qemu-img convert -O qcow2 -B "$W/q$((i-1)).qcow2" -F qcow2 "$W/state.raw" "$W/q$i.qcow2"
+    # restic gets the same nine states, for the verify and prune comparisons
+    cp --sparse=always "$W/state.raw" "$W/disk.raw" && restic backup -q "$W/disk.raw" > /dev/null
 done
 
 echo; echo "## restore of the newest of full + 8 incrementals (cold cache)"
@@ -83,6 +85,11 @@ drop; t "strata restore" "$S" -q restore bench@latest "$W/out-s.raw"; SR=$(cat "
 cmp "$W/out-s.raw" "$W/state.raw" && cmp "$W/out-q.raw" "$W/state.raw"
 echo "strata/qemu-img speed: $(python3 -c "print(f'{$QI/$SR:.2f}x')")"
 rm -f "$W/out-q.raw" "$W/out-s.raw"
+
+echo; echo "## verify of full + 8 incrementals (cold cache)"
+drop; t "restic check --read-data" restic check -q --read-data; RC=$(cat "$W/.last")
+drop; t "strata verify" "$S" -q verify; SV=$(cat "$W/.last")
+echo "strata/restic speed: $(python3 -c "print(f'{$RC/$SV:.2f}x')")"
 
 echo; echo "## mount: sequential read of the newest image (dd bs=1M)"
 mkdir -p "$W/mnt"
@@ -127,4 +134,8 @@ echo; echo "## peak RSS"
 t "strata backup (full, second disk)" "$S" -q backup --disk bench2 "$W/disk.raw"
 t "strata restore" "$S" -q restore bench@latest "$W/out-s.raw"
 rm -f "$W/out-s.raw"
+echo; echo "## prune: remove 8 of 9 snapshots, gc included"
+t "restic forget --keep-last 1 --prune" restic forget -q --keep-last 1 --prune; RP=$(cat "$W/.last")
+t "strata prune --keep-last 1 --disk bench" "$S" -q prune --keep-last 1 --disk bench; SP=$(cat "$W/.last")
+echo "strata time / restic time: $(python3 -c "print(f'{$SP/$RP:.3f}')")"
 echo "done"
