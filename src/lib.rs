@@ -16,6 +16,7 @@ pub mod lock;
 pub mod manifest;
 pub mod mount;
 pub mod name;
+pub mod nbd;
 pub mod progress;
 pub mod prune;
 pub mod repair;

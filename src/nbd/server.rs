@@ -1,0 +1,594 @@
+//! `strata receive`: an NBD server that QEMU's `blockdev-backup` pushes
+//! into. Writes land in a sparse staging file under `<repo>/tmp` as they
+//! arrive (memory stays bounded) and in a map of written and zeroed ranges;
+//! READ answers with the image as written so far, over the parent's for an
+//! incremental. The first connection that changed something and then sent
+//! NBD_CMD_DISC is committed through the ordinary backup pipeline. A
+//! connection that drops commits nothing; one that only reads or asks
+//! questions changes nothing.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
+use super::wire::*;
+use super::{Endpoint, NbdUri, Stream};
+use crate::backup::{backup, BackupOptions};
+use crate::changes::ChangeList;
+use crate::error::{Error, IoContext, Result};
+use crate::extent::{ByteRange, Extent, ExtentKind};
+use crate::image::{self, ChunkCache};
+use crate::image_map::ImageMap;
+use crate::lock::{Activity, Registration};
+use crate::name::{DiskName, Selector, SnapshotRef};
+use crate::repo::Repository;
+use crate::snapshot::SnapshotInfo;
+use crate::source::Source;
+
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveOptions {
+    pub disk: Option<DiskName>,
+    /// Export size of a full receive.
+    pub size: Option<u64>,
+    /// Receive an incremental on top of `parent` (default: the latest).
+    pub incremental: bool,
+    pub parent: Option<SnapshotRef>,
+    pub differential: bool,
+    pub label: String,
+    pub checkpoint: Option<String>,
+    pub bitmap: Option<String>,
+    /// Survive a dropped writer and wait for the next connection.
+    pub keep_listening: bool,
+}
+
+/// Written (`data`) and zeroed ranges; later writes replace earlier ones.
+#[derive(Debug, Default)]
+struct Written(BTreeMap<u64, (u64, ExtentKind)>);
+
+impl Written {
+    fn insert(&mut self, r: ByteRange, kind: ExtentKind) {
+        let (start, end) = (r.offset, r.end());
+        let overlapping: Vec<(u64, (u64, ExtentKind))> = self
+            .0
+            .range(..end)
+            .rev()
+            .take_while(|(_, (e, _))| *e > start)
+            .map(|(s, v)| (*s, *v))
+            .collect();
+        for (s, (e, k)) in overlapping {
+            self.0.remove(&s);
+            if s < start {
+                self.0.insert(s, (start, k));
+            }
+            if e > end {
+                self.0.insert(end, (e, k));
+            }
+        }
+        self.0.insert(start, (end, kind));
+    }
+
+    fn extents(&self) -> Vec<Extent> {
+        crate::extent::coalesce(
+            self.0
+                .iter()
+                .map(|(s, (e, k))| Extent::new(ByteRange::from_bounds(*s, *e), *k)),
+        )
+    }
+
+    /// Entries intersecting `r`, clipped.
+    fn within(&self, r: ByteRange) -> Vec<(ByteRange, ExtentKind)> {
+        let first = self
+            .0
+            .range(..=r.offset)
+            .next_back()
+            .map_or(r.offset, |(s, _)| *s);
+        self.0
+            .range(first..r.end())
+            .filter_map(|(s, (e, k))| {
+                ByteRange::from_bounds(*s, *e)
+                    .intersect(&r)
+                    .map(|x| (x, *k))
+            })
+            .collect()
+    }
+}
+
+/// What a receive has gathered: the staging file and the written map.
+struct Staging {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    written: Written,
+}
+
+impl Staging {
+    fn new(repo: &Repository, size: u64, n: u32) -> Result<Self> {
+        let dir = repo.root().join("tmp");
+        std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        let path = dir.join(format!("receive-{}-{n}.raw", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .ctx(|| format!("create {}", path.display()))?;
+        file.set_len(size)
+            .ctx(|| format!("size {}", path.display()))?;
+        Ok(Staging {
+            path,
+            file,
+            size,
+            written: Written::default(),
+        })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The staging file as a backup source: what was written, nothing else.
+impl Source for Staging {
+    fn describe(&self) -> String {
+        "the NBD client's writes".into()
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file
+            .read_exact_at(buf, offset)
+            .ctx(|| format!("read {}", self.path.display()))
+    }
+    fn allocation(&self) -> Result<Vec<Extent>> {
+        Ok(self.written.extents())
+    }
+}
+
+enum Outcome {
+    /// Clean disconnect after at least one change.
+    Commit,
+    /// Read or queried only: nothing to do.
+    Untouched,
+    /// Changed something, then vanished or misbehaved.
+    Dropped(String),
+}
+
+/// Serve `listen` until a writer disconnects cleanly, then commit its
+/// snapshot. `ready` is called once the socket is listening.
+pub fn receive(
+    repo: &Repository,
+    listen: &NbdUri,
+    opts: &ReceiveOptions,
+    ready: impl FnOnce(),
+) -> Result<SnapshotInfo> {
+    let disk = opts
+        .disk
+        .clone()
+        .ok_or_else(|| Error::invalid("a disk name is required"))?;
+    let _registration =
+        Registration::new(repo.root(), Activity::Backup, &format!("receive {disk}"))?;
+    let parent = if opts.incremental {
+        let r = opts.parent.clone().unwrap_or(SnapshotRef {
+            disk: disk.clone(),
+            selector: Selector::Latest,
+        });
+        Some(repo.resolve(&r)?)
+    } else {
+        if opts.parent.is_some() || opts.differential {
+            return Err(Error::invalid(
+                "--parent and --differential need --incremental",
+            ));
+        }
+        None
+    };
+    let size = match (&parent, opts.size) {
+        (Some(p), None) => p.size,
+        (Some(p), Some(s)) if s == p.size => s,
+        (Some(p), Some(s)) => {
+            return Err(Error::invalid(format!(
+                "--size {s} differs from the parent's size {}; an incremental export has the parent's size",
+                p.size
+            )))
+        }
+        (None, Some(s)) if s > 0 => s,
+        (None, _) => return Err(Error::invalid("a full receive needs --size BYTES")),
+    };
+    let base = parent.as_ref().map(|p| repo.image_map(p)).transpose()?;
+    let listener = Listener::bind(&listen.endpoint)?;
+    ready();
+    let mut n = 0;
+    loop {
+        n += 1;
+        let mut staging = Staging::new(repo, size, n)?;
+        let stream = listener.accept()?;
+        let mut conn = Connection {
+            repo,
+            staging: &mut staging,
+            base: base.as_ref(),
+            cache: ChunkCache::new(16 << 20),
+            changed: false,
+        };
+        match conn.serve(stream) {
+            Outcome::Untouched => continue,
+            Outcome::Dropped(why) if opts.keep_listening => {
+                log::warn!("{why}; nothing committed, waiting for the next connection");
+                continue;
+            }
+            Outcome::Dropped(why) => return Err(Error::Nbd(format!("{why}; nothing committed"))),
+            Outcome::Commit => {
+                let changes = parent.as_ref().map(|_| ChangeList {
+                    origin: "the NBD client's writes".into(),
+                    size: Some(size),
+                    extents: staging.written.extents(),
+                });
+                let bopts = BackupOptions {
+                    disk: Some(disk.clone()),
+                    changes,
+                    parent: parent.as_ref().map(|p| SnapshotRef {
+                        disk: disk.clone(),
+                        selector: Selector::Id(p.id.clone()),
+                    }),
+                    differential: opts.differential,
+                    label: opts.label.clone(),
+                    checkpoint: opts.checkpoint.clone(),
+                    bitmap: opts.bitmap.clone(),
+                    time: None,
+                    // Unwritten ranges are not in the staging file to compare.
+                    check_unchanged: 0.0,
+                };
+                return backup(repo, &staging, &bopts);
+            }
+        }
+    }
+}
+
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(std::net::TcpListener),
+}
+
+impl Listener {
+    fn bind(ep: &Endpoint) -> Result<Self> {
+        match ep {
+            Endpoint::Unix(path) => {
+                // A socket file left by an earlier run: replace it, but never
+                // another kind of file.
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if !meta.file_type().is_socket() {
+                        return Err(Error::invalid(format!(
+                            "{} exists and is not a socket",
+                            path.display()
+                        )));
+                    }
+                    std::fs::remove_file(path).ctx(|| format!("remove {}", path.display()))?;
+                }
+                let l = UnixListener::bind(path).ctx(|| format!("listen on {}", path.display()))?;
+                Ok(Listener::Unix(l, path.clone()))
+            }
+            Endpoint::Tcp { host, port } => {
+                let l = std::net::TcpListener::bind((host.as_str(), *port))
+                    .ctx(|| format!("listen on {host}:{port}"))?;
+                Ok(Listener::Tcp(l))
+            }
+        }
+    }
+
+    fn accept(&self) -> Result<Stream> {
+        match self {
+            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept().ctx(|| "accept".into())?.0)),
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().ctx(|| "accept".into())?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+struct Connection<'a> {
+    repo: &'a Repository,
+    staging: &'a mut Staging,
+    base: Option<&'a ImageMap>,
+    cache: ChunkCache,
+    changed: bool,
+}
+
+impl Connection<'_> {
+    fn serve(&mut self, stream: Stream) -> Outcome {
+        let reader = match &stream {
+            Stream::Unix(s) => s.try_clone().map(Stream::Unix),
+            Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
+        };
+        let Ok(reader) = reader else {
+            return Outcome::Untouched;
+        };
+        let mut r = BufReader::with_capacity(256 << 10, reader);
+        let mut w = BufWriter::with_capacity(256 << 10, stream);
+        let result = self.handshake(&mut r, &mut w).and_then(|go| {
+            if go {
+                self.transmission(&mut r, &mut w)
+            } else {
+                Ok(false)
+            }
+        });
+        match result {
+            Ok(true) if self.changed => Outcome::Commit,
+            Ok(_) if !self.changed => Outcome::Untouched,
+            Ok(_) => Outcome::Dropped("the client went away without NBD_CMD_DISC".into()),
+            Err(e) if self.changed => {
+                Outcome::Dropped(format!("the writing client's connection failed: {e}"))
+            }
+            Err(e) => {
+                log::info!("connection ended: {e}");
+                Outcome::Untouched
+            }
+        }
+    }
+
+    fn flags(&self) -> u16 {
+        TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES
+    }
+
+    /// Options until an export is chosen (true) or the client leaves (false).
+    fn handshake(&mut self, r: &mut impl Read, w: &mut impl Write) -> std::io::Result<bool> {
+        w.write_all(&NBDMAGIC.to_be_bytes())?;
+        w.write_all(&IHAVEOPT.to_be_bytes())?;
+        w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+        w.flush()?;
+        let client_flags = u32_be(r)?;
+        let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
+        loop {
+            if u64_be(r)? != IHAVEOPT {
+                return Err(std::io::Error::other("bad option magic"));
+            }
+            let opt = u32_be(r)?;
+            let len = u32_be(r)?;
+            if len > MAX_OPTION {
+                return Err(std::io::Error::other("option too long"));
+            }
+            let mut data = vec![0u8; len as usize];
+            r.read_exact(&mut data)?;
+            match opt {
+                OPT_EXPORT_NAME => {
+                    w.write_all(&self.staging.size.to_be_bytes())?;
+                    w.write_all(&self.flags().to_be_bytes())?;
+                    if !no_zeroes {
+                        w.write_all(&[0u8; 124])?;
+                    }
+                    w.flush()?;
+                    return Ok(true);
+                }
+                OPT_GO | OPT_INFO => {
+                    let mut info = Vec::new();
+                    info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                    info.extend_from_slice(&self.staging.size.to_be_bytes());
+                    info.extend_from_slice(&self.flags().to_be_bytes());
+                    write_option_reply(w, opt, REP_INFO, &info)?;
+                    if wants_block_size(&data) {
+                        let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                        bs.extend_from_slice(&1u32.to_be_bytes());
+                        bs.extend_from_slice(&(64u32 << 10).to_be_bytes());
+                        bs.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+                        write_option_reply(w, opt, REP_INFO, &bs)?;
+                    }
+                    write_option_reply(w, opt, REP_ACK, &[])?;
+                    w.flush()?;
+                    if opt == OPT_GO {
+                        return Ok(true);
+                    }
+                }
+                OPT_LIST => {
+                    let mut name = Vec::new();
+                    put_str(&mut name, "");
+                    write_option_reply(w, opt, REP_SERVER, &name)?;
+                    write_option_reply(w, opt, REP_ACK, &[])?;
+                    w.flush()?;
+                }
+                OPT_ABORT => {
+                    write_option_reply(w, opt, REP_ACK, &[])?;
+                    w.flush()?;
+                    return Ok(false);
+                }
+                _ => {
+                    // Structured replies and meta contexts are not offered:
+                    // simple replies serve every client.
+                    write_option_reply(w, opt, REP_ERR_UNSUP, &[])?;
+                    w.flush()?;
+                }
+            }
+        }
+    }
+
+    /// Requests until NBD_CMD_DISC (true) or the end of the stream.
+    fn transmission(&mut self, r: &mut impl Read, w: &mut impl Write) -> std::io::Result<bool> {
+        let mut buf = Vec::new();
+        loop {
+            let req = match Request::read_from(r) {
+                Ok(Some(req)) => req,
+                Ok(None) => return Err(std::io::Error::other("bad request magic")),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let size = self.staging.size;
+            let in_range = req
+                .offset
+                .checked_add(u64::from(req.length))
+                .is_some_and(|end| end <= size);
+            match req.kind {
+                CMD_DISC => {
+                    w.flush()?;
+                    return Ok(true);
+                }
+                CMD_READ => {
+                    if !in_range || req.length > MAX_PAYLOAD {
+                        // An error reply to READ carries no data.
+                        write_simple_reply(w, EINVAL, req.cookie, &[])?;
+                    } else {
+                        buf.resize(req.length as usize, 0);
+                        let range = ByteRange::new(req.offset, req.length.into());
+                        match self.read(range, &mut buf) {
+                            Ok(()) => write_simple_reply(w, 0, req.cookie, &buf)?,
+                            Err(e) => {
+                                log::error!("READ: {e}");
+                                write_simple_reply(w, EIO, req.cookie, &[])?;
+                            }
+                        }
+                    }
+                }
+                CMD_WRITE => {
+                    if req.length > MAX_PAYLOAD {
+                        write_simple_reply(w, EINVAL, req.cookie, &[])?;
+                        w.flush()?;
+                        return Err(std::io::Error::other("WRITE payload too large"));
+                    }
+                    buf.resize(req.length as usize, 0);
+                    r.read_exact(&mut buf)?;
+                    let e = if !in_range {
+                        ENOSPC
+                    } else if self.staging.file.write_all_at(&buf, req.offset).is_err() {
+                        EIO
+                    } else {
+                        self.staging.written.insert(
+                            ByteRange::new(req.offset, req.length.into()),
+                            ExtentKind::Data,
+                        );
+                        self.changed = true;
+                        0
+                    };
+                    write_simple_reply(w, e, req.cookie, &[])?;
+                }
+                CMD_WRITE_ZEROES | CMD_TRIM => {
+                    let e = if !in_range {
+                        ENOSPC
+                    } else {
+                        if req.length > 0 {
+                            self.staging.written.insert(
+                                ByteRange::new(req.offset, req.length.into()),
+                                ExtentKind::Zero,
+                            );
+                        }
+                        self.changed = true;
+                        0
+                    };
+                    write_simple_reply(w, e, req.cookie, &[])?;
+                }
+                CMD_FLUSH => {
+                    self.changed = true;
+                    let e = if self.staging.file.sync_data().is_ok() {
+                        0
+                    } else {
+                        EIO
+                    };
+                    write_simple_reply(w, e, req.cookie, &[])?;
+                }
+                CMD_CACHE => write_simple_reply(w, 0, req.cookie, &[])?,
+                _ => write_simple_reply(w, EINVAL, req.cookie, &[])?,
+            }
+            // Answer now unless more requests are already waiting.
+            w.flush()?;
+        }
+    }
+
+    /// The image as written so far: the parent (or zeroes), then the writes.
+    fn read(&self, range: ByteRange, buf: &mut [u8]) -> Result<()> {
+        match self.base {
+            Some(map) => {
+                image::read_at(map, self.repo.chunks(), &self.cache, buf, range.offset)?;
+            }
+            None => buf.fill(0),
+        }
+        for (r, kind) in self.staging.written.within(range) {
+            let out =
+                &mut buf[(r.offset - range.offset) as usize..(r.end() - range.offset) as usize];
+            match kind {
+                ExtentKind::Zero => out.fill(0),
+                ExtentKind::Data => self.staging.read_exact_at(out, r.offset)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether an OPT_GO/OPT_INFO payload asks for NBD_INFO_BLOCK_SIZE.
+fn wants_block_size(data: &[u8]) -> bool {
+    let Some(name_len) = data
+        .get(..4)
+        .map(|b| u32::from_be_bytes(b.try_into().expect("4")) as usize)
+    else {
+        return false;
+    };
+    let Some(rest) = data.get(4 + name_len..) else {
+        return false;
+    };
+    let n = rest
+        .get(..2)
+        .map_or(0, |b| u16::from_be_bytes(b.try_into().expect("2")) as usize);
+    (0..n).any(|i| {
+        rest.get(2 + 2 * i..4 + 2 * i)
+            .is_some_and(|b| u16::from_be_bytes(b.try_into().expect("2")) == INFO_BLOCK_SIZE)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_map_overrides() {
+        let mut w = Written::default();
+        w.insert(ByteRange::new(0, 100), ExtentKind::Data);
+        w.insert(ByteRange::new(40, 20), ExtentKind::Zero);
+        w.insert(ByteRange::new(90, 30), ExtentKind::Data);
+        let e: Vec<_> = w
+            .extents()
+            .iter()
+            .map(|e| (e.offset, e.length, e.kind))
+            .collect();
+        assert_eq!(
+            e,
+            vec![
+                (0, 40, ExtentKind::Data),
+                (40, 20, ExtentKind::Zero),
+                (60, 60, ExtentKind::Data)
+            ]
+        );
+        w.insert(ByteRange::new(10, 100), ExtentKind::Zero);
+        let e: Vec<_> = w
+            .extents()
+            .iter()
+            .map(|e| (e.offset, e.length, e.kind))
+            .collect();
+        assert_eq!(
+            e,
+            vec![
+                (0, 10, ExtentKind::Data),
+                (10, 100, ExtentKind::Zero),
+                (110, 10, ExtentKind::Data)
+            ]
+        );
+        assert_eq!(
+            w.within(ByteRange::new(5, 10)),
+            vec![
+                (ByteRange::new(5, 5), ExtentKind::Data),
+                (ByteRange::new(10, 5), ExtentKind::Zero)
+            ]
+        );
+    }
+}
