@@ -75,6 +75,7 @@ pub fn gc(repo: &Repository, _lock: &MaintenanceLock) -> Result<GcReport> {
         sweep_chunk_file(&path, &referenced, cutoff, &mut report)?;
     }
     sweep_manifests(repo, &snaps, cutoff, &mut report)?;
+    sweep_tmp(repo, cutoff, &mut report)?;
     log::info!(
         "gc: deleted {} chunks ({} bytes), kept {} recent",
         report.deleted_chunks,
@@ -145,6 +146,35 @@ fn delete_or_restore(trash: &Path, chunk: &Path, cutoff: f64, report: &mut GcRep
         fs::remove_file(trash).ctx(|| format!("remove {}", trash.display()))?;
         report.deleted_chunks += 1;
         report.freed_bytes += meta.len();
+    }
+    Ok(())
+}
+
+/// Staging files of receives that died (a live one is a registered backup,
+/// so its files are newer than the cutoff).
+fn sweep_tmp(repo: &Repository, cutoff: f64, report: &mut GcReport) -> Result<()> {
+    let dir = repo.root().join("tmp");
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry.ctx(|| format!("list {}", dir.display()))?.path();
+        // receive-<pid>-<n>.raw: its process may be gone however recent it is.
+        let owner_gone = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| {
+                n.strip_prefix("receive-")?
+                    .split('-')
+                    .next()?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists());
+        if owner_gone || mtime_secs(&path).is_some_and(|t| t < cutoff) {
+            fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
+            report.removed_temporaries += 1;
+        }
     }
     Ok(())
 }
