@@ -157,10 +157,13 @@ fn capture(
     let chunk_size = repo.config().chunk_size as usize;
     let (work_tx, work_rx) = sync_channel::<(ByteRange, Vec<u8>)>(workers * 2);
     let work_rx = Mutex::new(work_rx);
+    let readers = source.parallel_reads().max(1);
     let (free_tx, free_rx) = channel::<Vec<u8>>();
-    for _ in 0..workers * 3 {
+    for _ in 0..(workers + readers) * 2 {
         free_tx.send(vec![0u8; chunk_size]).expect("receiver alive");
     }
+    let free_rx = Mutex::new(free_rx);
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let results = Mutex::new(Vec::new());
     let stored = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
@@ -199,18 +202,29 @@ fn capture(
                 }
             });
         }
-        for range in windows {
-            if failed.load(Ordering::SeqCst) {
-                break;
-            }
-            let mut buf = free_rx.recv().expect("workers hold senders");
-            match source.read_exact_at(&mut buf[..range.length as usize], range.offset) {
-                Ok(()) => work_tx.send((*range, buf)).expect("workers alive"),
-                Err(e) => {
-                    fail(e);
-                    break;
+        // Readers take windows in order from a shared index; several reads
+        // in flight hide a network source's latency. Results are sorted
+        // afterwards, so order does not matter.
+        for _ in 0..readers {
+            let work_tx = work_tx.clone();
+            s.spawn(|| {
+                let work_tx = work_tx;
+                while !failed.load(Ordering::SeqCst) {
+                    let Some(range) = windows.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        break;
+                    };
+                    let buf = free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(mut buf) = buf else { break };
+                    match source.read_exact_at(&mut buf[..range.length as usize], range.offset) {
+                        Ok(()) => {
+                            if work_tx.send((*range, buf)).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => fail(e),
+                    }
                 }
-            }
+            });
         }
         drop(work_tx);
     });

@@ -19,6 +19,10 @@ pub trait Source: Sync {
     /// What a full backup must look at: `data` ranges are read, `zero` ranges
     /// recorded as such, and the rest are holes.
     fn allocation(&self) -> Result<Vec<Extent>>;
+    /// How many `read_exact_at` calls may usefully run at once.
+    fn parallel_reads(&self) -> usize {
+        2
+    }
 }
 
 /// A raw image file or a block device.

@@ -23,6 +23,7 @@ pub struct Client {
     stream: Stream,
     uri: String,
     size: u64,
+    flags: u16,
     structured: bool,
     /// Negotiated meta contexts by name.
     contexts: HashMap<String, u32>,
@@ -58,6 +59,7 @@ impl Client {
             stream,
             uri: name,
             size: 0,
+            flags: 0,
             structured: false,
             contexts: HashMap::new(),
             max_request: MAX_PAYLOAD,
@@ -134,6 +136,7 @@ impl Client {
                     let info = u16::from_be_bytes(payload[..2].try_into().expect("2"));
                     if info == INFO_EXPORT && payload.len() >= 12 {
                         self.size = u64::from_be_bytes(payload[2..10].try_into().expect("8"));
+                        self.flags = u16::from_be_bytes(payload[10..12].try_into().expect("2"));
                         got_size = true;
                     } else if info == INFO_BLOCK_SIZE && payload.len() >= 14 {
                         let max = u32::from_be_bytes(payload[10..14].try_into().expect("4"));
@@ -159,7 +162,7 @@ impl Client {
         write_option(&mut self.stream, OPT_EXPORT_NAME, export.as_bytes())
             .map_err(io(&uri, "EXPORT_NAME"))?;
         self.size = u64_be(&mut self.stream).map_err(io(&uri, "EXPORT_NAME"))?;
-        u16_be(&mut self.stream).map_err(io(&uri, "EXPORT_NAME"))?;
+        self.flags = u16_be(&mut self.stream).map_err(io(&uri, "EXPORT_NAME"))?;
         if !no_zeroes {
             let mut pad = [0u8; 124];
             self.stream
@@ -193,6 +196,13 @@ impl Client {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The server says several connections see the same data
+    /// (NBD_FLAG_CAN_MULTI_CONN); without it, extra connections may even
+    /// block (qemu-nbd serves one client unless started with -e N).
+    pub fn multi_conn(&self) -> bool {
+        self.flags & TFLAG_CAN_MULTI_CONN != 0
     }
 
     pub fn has_context(&self, name: &str) -> bool {
@@ -401,12 +411,17 @@ fn error_text(payload: &[u8]) -> String {
 /// A disk pulled over NBD, for `strata backup nbd://…`.
 pub struct NbdSource {
     uri: String,
-    client: Mutex<Client>,
+    /// The first connection negotiated the meta contexts; more are opened
+    /// for parallel reads when the server allows it.
+    clients: Vec<Mutex<Client>>,
+    next: std::sync::atomic::AtomicUsize,
     size: u64,
 }
 
 /// Reads per call are split into this many requests, all in flight at once.
 const PIPELINE: usize = 4;
+/// Connections for reading, when the server allows several.
+const CONNECTIONS: usize = 3;
 
 impl NbdSource {
     /// Connect asking for `base:allocation` and, if given, the bitmap.
@@ -415,16 +430,36 @@ impl NbdSource {
         if let Some(b) = bitmap {
             contexts.push(bitmap_context(b));
         }
-        let client = Client::connect(uri, &contexts)?;
+        let first = Client::connect(uri, &contexts)?;
+        let size = first.size();
+        let multi = first.multi_conn();
+        let mut clients = vec![Mutex::new(first)];
+        if multi {
+            for _ in 1..CONNECTIONS {
+                match Client::connect(uri, &[]) {
+                    Ok(c) if c.size() == size => clients.push(Mutex::new(c)),
+                    Ok(_) => {
+                        return Err(Error::Nbd(format!(
+                            "{uri}: export size changed between connections"
+                        )))
+                    }
+                    Err(e) => {
+                        log::info!("extra NBD connection refused: {e}");
+                        break;
+                    }
+                }
+            }
+        }
         Ok(NbdSource {
             uri: uri.to_string(),
-            size: client.size(),
-            client: Mutex::new(client),
+            size,
+            clients,
+            next: Default::default(),
         })
     }
 
     fn client(&self) -> std::sync::MutexGuard<'_, Client> {
-        self.client.lock().unwrap_or_else(|e| e.into_inner())
+        self.clients[0].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn has_bitmap(&self, name: &str) -> bool {
@@ -454,10 +489,11 @@ impl NbdSource {
     }
 
     pub fn disconnect(self) {
-        self.client
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner())
-            .disconnect();
+        for c in self.clients {
+            c.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .disconnect();
+        }
     }
 }
 
@@ -483,7 +519,15 @@ impl Source for NbdSource {
             .enumerate()
             .map(|(i, b)| (offset + (i * piece) as u64, b))
             .collect();
-        self.client().read_many(&mut reads)
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.clients.len();
+        self.clients[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read_many(&mut reads)
+    }
+
+    fn parallel_reads(&self) -> usize {
+        self.clients.len().max(2)
     }
 
     /// From `base:allocation`: known zeroes are `zero`, holes that read as
