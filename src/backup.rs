@@ -115,7 +115,10 @@ pub fn backup(
             ExtentKind::Data => windows.extend(e.range().split_aligned(repo.config().chunk_size)),
         }
     }
+    log::debug!("reading {total} bytes from {}", source.describe());
     let captured = capture(repo, source, &windows, &|n| bar.inc(n))?;
+    source.finished();
+    log::debug!("read; committing");
     bar.finish_and_clear();
     segments.extend(captured.segments);
     crate::testhook::pause("backup:captured");

@@ -70,9 +70,15 @@ pub struct ImageMap {
 }
 
 impl ImageMap {
+    /// A map from segments in any order, in canonical form: adjacent zero
+    /// segments, and adjacent pieces of one chunk, are merged, so that two
+    /// maps of the same image compare equal however they were built.
     pub fn new(size: u64, mut segments: Vec<Segment>) -> Self {
         segments.sort_by_key(|s| s.range.offset);
-        ImageMap { size, segments }
+        ImageMap {
+            size,
+            segments: normalize(segments),
+        }
     }
 
     /// The image of a child: this map cut or extended to `size`, with `top`
@@ -109,7 +115,7 @@ impl ImageMap {
         }
         ImageMap {
             size,
-            segments: out,
+            segments: normalize(out),
         }
     }
 
@@ -214,8 +220,34 @@ impl ImageMap {
             };
             segments.push(Segment { range, piece });
         }
-        Ok(ImageMap { size, segments })
+        Ok(ImageMap::new(size, segments))
     }
+}
+
+/// Merge touching segments that continue each other (input sorted).
+fn normalize(segments: Vec<Segment>) -> Vec<Segment> {
+    let mut out: Vec<Segment> = Vec::with_capacity(segments.len());
+    for s in segments {
+        if s.range.is_empty() {
+            continue;
+        }
+        if let Some(last) = out.last_mut() {
+            let touching = last.range.end() == s.range.offset;
+            let continues = match (last.piece, s.piece) {
+                (Piece::Zero, Piece::Zero) => true,
+                (Piece::Data { chunk: a, skip: sa }, Piece::Data { chunk: b, skip: sb }) => {
+                    a == b && u64::from(sa) + last.range.length == u64::from(sb)
+                }
+                _ => false,
+            };
+            if touching && continues {
+                last.range.length += s.range.length;
+                continue;
+            }
+        }
+        out.push(s);
+    }
+    out
 }
 
 struct Reader<'a> {
@@ -304,6 +336,37 @@ mod tests {
                 Segment::zero(ByteRange::new(20, 2))
             ]
         );
+    }
+
+    #[test]
+    fn maps_are_canonical() {
+        let z = |o, l| Segment::zero(ByteRange::new(o, l));
+        let split = ImageMap::new(
+            100,
+            vec![
+                z(0, 10),
+                z(10, 10),
+                data(20, 5, 1),
+                Segment::data(ByteRange::new(25, 5), id(1), 5),
+            ],
+        );
+        let whole = ImageMap::new(100, vec![z(0, 20), data(20, 10, 1)]);
+        assert_eq!(split, whole);
+        // Not merged: a gap, another chunk, or a non-continuing offset.
+        let m = ImageMap::new(
+            100,
+            vec![
+                z(0, 10),
+                z(11, 1),
+                data(20, 5, 1),
+                data(25, 5, 1),
+                data(30, 5, 2),
+            ],
+        );
+        assert_eq!(m.segments.len(), 5);
+        let base = ImageMap::new(30, vec![z(0, 10)]);
+        let top = ImageMap::new(30, vec![z(10, 10)]);
+        assert_eq!(base.overlay(&top).segments, vec![z(0, 20)]);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub trait Source: Sync {
     fn parallel_reads(&self) -> usize {
         2
     }
+    /// Everything has been read; called before the snapshot is committed.
+    fn finished(&self) {}
 }
 
 /// A raw image file or a block device.

@@ -230,6 +230,7 @@ fn pull_from_qemu_nbd() {
     env.assert_restores(&first, &t0);
     env.assert_restores(&inc, &t1);
     env.assert_restores(&fb, &t1);
+    assert!(env.run(&["verify"]).status.success());
     let snaps = env.snapshots();
     assert_eq!(snaps[1]["kind"], "incremental");
     assert_eq!(snaps[1]["bitmap"], "b1");
@@ -316,6 +317,7 @@ fn pull_from_running_qemu() {
     for (snap, truth) in [(&full, &t0), (&inc, &t1), (&inc2, &t2), (&diff, &t2)] {
         env.assert_restores(snap, truth);
     }
+    assert!(env.run(&["verify"]).status.success());
 }
 
 /// Push: blockdev-backup sync=full then sync=bitmap into `strata receive`,
@@ -399,6 +401,7 @@ fn push_from_blockdev_backup() {
     let (ok, out) = finish(child);
     assert!(ok, "{out}");
     env.assert_restores("vm@latest", &t2);
+    assert!(env.run(&["verify"]).status.success());
     // The killed receive's staging file is a leftover for gc.
     env.ok(&["gc"]);
     assert!(
