@@ -1,9 +1,10 @@
 //! Taking a snapshot: plan what to read from a [`Source`], cut it into
 //! chunks on a fixed grid, store them on all cores, and commit.
 //!
-//! The main thread reads windows of at most one chunk into a small pool of
-//! reusable buffers; worker threads find zero blocks, hash, compress and
-//! store. Memory is bounded by the pool, whatever the disk size.
+//! Reader threads (`Source::parallel_reads`) read windows of at most one
+//! chunk into a small pool of reusable buffers; worker threads find zero
+//! blocks, hash, compress and store. Memory is bounded by the pool,
+//! whatever the disk size.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel};

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use common::{qemu_chain_at, raw_chain, Env, Mounted, Paused};
+use common::{qemu_chain_with, raw_chain, Env, Mounted, Paused};
 use serde_json::Value;
 
 fn json(out: &str) -> Value {
@@ -51,8 +51,13 @@ fn verify_ok(env: &Env) {
 fn forget_and_prune_keep_images_exact() {
     let env = Env::new();
     let start = chrono::DateTime::parse_from_rfc3339("2025-01-03T10:00:00Z").unwrap();
-    let time_of = |k: usize| Some((start + chrono::Duration::days(9 * k as i64)).to_rfc3339());
-    let chain = qemu_chain_at(&env, "vm1/vda", 10, &time_of);
+    let time_of = |k: usize| {
+        vec![
+            "--time".to_string(),
+            (start + chrono::Duration::days(9 * k as i64)).to_rfc3339(),
+        ]
+    };
+    let chain = qemu_chain_with(&env, "vm1/vda", &common::default_rounds(10), &time_of);
     assert_eq!(chain.len(), 12);
 
     // The base has two children (incremental 1 and the differential).

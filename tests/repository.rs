@@ -4,7 +4,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use common::{assert_same, sh, Env, Paused, Qcow};
+use common::{assert_same, qemu_chain_with, sh, Env, Paused, Qcow};
 
 const MIB: u64 = 1 << 20;
 
@@ -13,32 +13,13 @@ const MIB: u64 = 1 << 20;
 #[test]
 fn qemu_bitmap_chain_restores_byte_exact() {
     let env = Env::new();
-    // Not a multiple of the 64 KiB cluster: the last cluster is partial.
-    let disk = Qcow::create(env.path("d.qcow2"), 64 * MIB + 4608);
-    disk.add_bitmap("inc");
-    disk.add_bitmap("diff");
-    disk.io(&[
-        "write -P 0xaa 0 16M",
-        "write -P 0xbb 40M 8M",
-        "write -z 56M 1M",
-    ]);
-    let truth0 = disk.truth(&env.path("t0.raw"));
-    let full = env.backup(&[
-        "--disk",
-        "vm1/vda",
-        truth0.to_str().unwrap(),
-        "--label",
-        "base",
-    ]);
-    disk.clear_bitmap("inc");
-    disk.clear_bitmap("diff");
-
-    let rounds: [&[&str]; 5] = [
+    // The disk is not a multiple of the 64 KiB cluster: the last is partial.
+    let rounds: Vec<Vec<String>> = [
         &[
             "write -P 0x11 0 1M",
             "write -P 0x12 5000 3000",
             "write -z 8M 512k",
-        ],
+        ][..],
         &["discard 0 256k", "write -P 0x21 67108000 5000"],
         &["write -P 0x31 2M 4M", "write -z 40M 1M"],
         &[
@@ -47,38 +28,13 @@ fn qemu_bitmap_chain_restores_byte_exact() {
             "write -P 0x42 41M 1",
         ],
         &["write -P 0x51 63M 1M", "write -z 0 64k"],
-    ];
-    let mut snaps = vec![(full.clone(), truth0)];
-    for (i, cmds) in rounds.iter().enumerate() {
-        disk.io(cmds);
-        let truth = disk.truth(&env.path(&format!("t{}.raw", i + 1)));
-        let map = disk.dirty_map("inc", &env.path(&format!("inc{}.json", i + 1)));
-        let snap = env.backup(&[
-            "--disk",
-            "vm1/vda",
-            truth.to_str().unwrap(),
-            "--changes",
-            map.to_str().unwrap(),
-            "--check-unchanged",
-            "20",
-        ]);
-        disk.clear_bitmap("inc");
-        snaps.push((snap, truth.clone()));
-        if i == 2 {
-            let map = disk.dirty_map("diff", &env.path("diff.json"));
-            let diff = env.backup(&[
-                "--disk",
-                "vm1/vda",
-                truth.to_str().unwrap(),
-                "--changes",
-                map.to_str().unwrap(),
-                "--parent",
-                &full,
-                "--differential",
-            ]);
-            snaps.push((diff, truth));
-        }
-    }
+    ]
+    .iter()
+    .map(|r| r.iter().map(|c| c.to_string()).collect())
+    .collect();
+    let check = |_| vec!["--check-unchanged".to_string(), "20".to_string()];
+    let snaps = qemu_chain_with(&env, "vm1/vda", &rounds, &check);
+    let full = snaps[0].0.clone();
 
     let listed = env.snapshots();
     assert_eq!(listed.len(), 7);
@@ -98,6 +54,7 @@ fn qemu_bitmap_chain_restores_byte_exact() {
     // A dirty range that was discarded is recorded as zero, not skipped.
     let own: serde_json::Value =
         serde_json::from_str(&env.ok(&["map", "--own", "--json", &snaps[2].0])).unwrap();
+    assert_eq!(own["kind"], "incremental");
     let first = &own["extents"][0];
     assert_eq!(first["offset"], 0);
     assert_eq!(first["type"], "zero");

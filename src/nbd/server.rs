@@ -563,17 +563,18 @@ mod tests {
 
     #[test]
     fn written_map_overrides() {
+        let triples = |w: &Written| -> Vec<(u64, u64, ExtentKind)> {
+            w.extents()
+                .iter()
+                .map(|e| (e.offset, e.length, e.kind))
+                .collect()
+        };
         let mut w = Written::default();
         w.insert(ByteRange::new(0, 100), ExtentKind::Data);
         w.insert(ByteRange::new(40, 20), ExtentKind::Zero);
         w.insert(ByteRange::new(90, 30), ExtentKind::Data);
-        let e: Vec<_> = w
-            .extents()
-            .iter()
-            .map(|e| (e.offset, e.length, e.kind))
-            .collect();
         assert_eq!(
-            e,
+            triples(&w),
             vec![
                 (0, 40, ExtentKind::Data),
                 (40, 20, ExtentKind::Zero),
@@ -581,13 +582,8 @@ mod tests {
             ]
         );
         w.insert(ByteRange::new(10, 100), ExtentKind::Zero);
-        let e: Vec<_> = w
-            .extents()
-            .iter()
-            .map(|e| (e.offset, e.length, e.kind))
-            .collect();
         assert_eq!(
-            e,
+            triples(&w),
             vec![
                 (0, 10, ExtentKind::Data),
                 (10, 100, ExtentKind::Zero),

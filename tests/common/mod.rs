@@ -221,26 +221,40 @@ impl Qcow {
 /// its dirty bitmap, plus a differential after the second incremental.
 /// Returns every snapshot's `DISK@ID` with its truth, in order.
 pub fn qemu_chain(env: &Env, disk_name: &str, n: usize) -> Vec<(String, PathBuf)> {
-    qemu_chain_at(env, disk_name, n, &|_| None)
+    qemu_chain_with(env, disk_name, &default_rounds(n), &|_| Vec::new())
 }
 
-/// As [`qemu_chain`], with `--time time_of(k)` for the k-th snapshot taken
-/// (0 is the full; the differential is taken right after incremental 2).
-pub fn qemu_chain_at(
+/// qemu-io commands for `n` rounds of writes: data, unaligned data, zero
+/// writes, discards, and a write ending in the last, partial cluster.
+pub fn default_rounds(n: usize) -> Vec<Vec<String>> {
+    (1..=n as u64)
+        .map(|k| {
+            vec![
+                format!("write -P {} {} 300k", 0x10 + k, (k * 7 % 60) << 20),
+                format!("write -P {} {} 5000", 0x40 + k, k * 1_000_003 % (60 << 20)),
+                format!("write -z {} 512k", (k * 13 % 60) << 20),
+                format!("discard {} 192k", (k * 17 % 60) << 20),
+                format!("write -P {} 67108000 5000", 0x80 + k),
+            ]
+        })
+        .collect()
+}
+
+/// As [`qemu_chain`], one incremental per round of qemu-io commands, with
+/// `extra(k)` added to the k-th backup (0 is the full; the differential is
+/// taken right after incremental 2).
+pub fn qemu_chain_with(
     env: &Env,
     disk_name: &str,
-    n: usize,
-    time_of: &dyn Fn(usize) -> Option<String>,
+    rounds: &[Vec<String>],
+    extra: &dyn Fn(usize) -> Vec<String>,
 ) -> Vec<(String, PathBuf)> {
     let mut taken = 0;
     let mut backup = |args: &[&str]| {
-        let mut args = args.to_vec();
-        let time = time_of(taken);
+        let more = extra(taken);
         taken += 1;
-        if let Some(t) = &time {
-            args.push("--time");
-            args.push(t);
-        }
+        let mut args = args.to_vec();
+        args.extend(more.iter().map(|s| s.as_str()));
         env.backup(&args)
     };
     let tag = disk_name.replace('/', "_");
@@ -257,16 +271,9 @@ pub fn qemu_chain_at(
     disk.clear_bitmap("inc");
     disk.clear_bitmap("diff");
     let mut out = vec![(full.clone(), truth)];
-    for i in 1..=n {
-        let k = i as u64;
-        let cmds = [
-            format!("write -P {} {} 300k", 0x10 + k, (k * 7 % 60) << 20),
-            format!("write -P {} {} 5000", 0x40 + k, k * 1_000_003 % (60 << 20)),
-            format!("write -z {} 512k", (k * 13 % 60) << 20),
-            format!("discard {} 192k", (k * 17 % 60) << 20),
-            format!("write -P {} 67108000 5000", 0x80 + k),
-        ];
-        let cmds: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    for (i, round) in rounds.iter().enumerate() {
+        let i = i + 1;
+        let cmds: Vec<&str> = round.iter().map(|s| s.as_str()).collect();
         disk.io(&cmds);
         let truth = disk.truth(&env.path(&format!("{tag}-t{i}.raw")));
         let map = disk.dirty_map("inc", &env.path(&format!("{tag}-inc{i}.json")));
