@@ -16,7 +16,7 @@ use crate::backup::{is_zero, GRANULARITY};
 use crate::chunk::ChunkId;
 use crate::error::{Error, IoContext, Result};
 use crate::extent::ByteRange;
-use crate::image_map::{ImageMap, Piece};
+use crate::image_map::{ImageMap, Piece, Segment};
 use crate::repo::Repository;
 use crate::snapshot::SnapshotInfo;
 
@@ -113,38 +113,27 @@ fn write_data(
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| 4 * std::thread::available_parallelism().map_or(2, |n| n.get()));
+    // Work is handed out by runs of data segments of one chunk, so that a
+    // chunk is read and decoded once, by one worker.
+    let data: Vec<&Segment> = map
+        .segments
+        .iter()
+        .filter(|s| matches!(s.piece, Piece::Data { .. }))
+        .collect();
+    let runs: Vec<&[&Segment]> = data.chunk_by(|a, b| chunk_of(a) == chunk_of(b)).collect();
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
-                let mut current: Option<ChunkId> = None;
                 let mut buf = Vec::new();
                 while !failed.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(seg) = map.segments.get(i) else {
+                    let Some(run) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         break;
                     };
-                    let Piece::Data { chunk, skip } = seg.piece else {
-                        continue;
-                    };
-                    let r = (|| -> Result<()> {
-                        if current != Some(chunk) {
-                            current = None;
-                            repo.chunks().get_into(&chunk, &mut buf)?;
-                            current = Some(chunk);
-                        }
-                        let data = buf
-                            .get(skip as usize..skip as usize + seg.range.length as usize)
-                            .ok_or_else(|| Error::BadChunk {
-                                hash: chunk.to_hex(),
-                                message: "shorter than the map needs".into(),
-                            })?;
-                        write_range(file, seg.range, data, skip_zero_blocks)
-                    })();
-                    match r {
-                        Ok(()) => progress(seg.range.length),
+                    match write_run(repo, file, run, &mut buf, skip_zero_blocks) {
+                        Ok(n) => progress(n),
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);
                             first_error
@@ -161,6 +150,42 @@ fn write_data(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+fn chunk_of(s: &Segment) -> Option<ChunkId> {
+    match s.piece {
+        Piece::Data { chunk, .. } => Some(chunk),
+        Piece::Zero => None,
+    }
+}
+
+/// Decode the run's chunk once and write each of its segments.
+fn write_run(
+    repo: &Repository,
+    file: &File,
+    run: &[&Segment],
+    buf: &mut Vec<u8>,
+    skip_zero_blocks: bool,
+) -> Result<u64> {
+    let Some(chunk) = run.first().and_then(|s| chunk_of(s)) else {
+        return Ok(0);
+    };
+    repo.chunks().get_into(&chunk, buf)?;
+    let mut written = 0;
+    for seg in run {
+        let Piece::Data { skip, .. } = seg.piece else {
+            continue;
+        };
+        let data = buf
+            .get(skip as usize..skip as usize + seg.range.length as usize)
+            .ok_or_else(|| Error::BadChunk {
+                hash: chunk.to_hex(),
+                message: "shorter than the map needs".into(),
+            })?;
+        write_range(file, seg.range, data, skip_zero_blocks)?;
+        written += seg.range.length;
+    }
+    Ok(written)
 }
 
 fn write_range(file: &File, range: ByteRange, data: &[u8], skip_zero_blocks: bool) -> Result<()> {
