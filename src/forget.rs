@@ -118,20 +118,7 @@ mod tests {
     use crate::chunk::ChunkId;
 
     fn info(kind: SnapshotKind, size: u64) -> SnapshotInfo {
-        SnapshotInfo {
-            disk: crate::name::DiskName::parse("d").unwrap(),
-            id: crate::name::SnapshotId::parse("20260101T000000Z-0001").unwrap(),
-            time: chrono::Utc::now(),
-            kind,
-            parent: None,
-            size,
-            granularity: 65536,
-            label: String::new(),
-            checkpoint: None,
-            bitmap: None,
-            protected: false,
-            stored_bytes: 0,
-        }
+        SnapshotInfo::for_test(chrono::Utc::now(), 1, kind, size)
     }
 
     /// For every shape of sizes, grandparent + merged child == the original

@@ -340,13 +340,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let source = FileSource::open(Path::new(&a.source))?;
                 backup::backup(&repo, &source, &opts)?
             };
-            println!(
-                "snapshot {} ({}, {} bytes, {} bytes stored)",
-                info.reference(),
-                info.kind.as_str(),
-                info.size,
-                info.stored_bytes
-            );
+            println!("{}", info.summary());
         }
         Command::Receive(a) => {
             let repo = open(&cli)?;
@@ -367,13 +361,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("listening on {listen}");
                 let _ = std::io::Write::flush(&mut std::io::stdout());
             })?;
-            println!(
-                "snapshot {} ({}, {} bytes, {} bytes stored)",
-                info.reference(),
-                info.kind.as_str(),
-                info.size,
-                info.stored_bytes
-            );
+            println!("{}", info.summary());
         }
         Command::Snapshots { disk, json } => {
             let repo = open(&cli)?;

@@ -224,25 +224,11 @@ pub fn prune(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::name::SnapshotId;
     use crate::snapshot::SnapshotKind;
 
     fn snap(time: &str, seq: u32) -> SnapshotInfo {
         let time = crate::snapshot::parse_time(time).unwrap();
-        SnapshotInfo {
-            disk: DiskName::parse("d").unwrap(),
-            id: SnapshotId::new(time, seq),
-            time,
-            kind: SnapshotKind::Incremental,
-            parent: None,
-            size: 1,
-            granularity: 65536,
-            label: String::new(),
-            checkpoint: None,
-            bitmap: None,
-            protected: false,
-            stored_bytes: 0,
-        }
+        SnapshotInfo::for_test(time, seq, SnapshotKind::Incremental, 1)
     }
 
     fn kept(policy: &Policy, snaps: &[SnapshotInfo]) -> Vec<String> {

@@ -81,6 +81,38 @@ impl SnapshotInfo {
     }
 }
 
+impl SnapshotInfo {
+    /// A one-line summary, as `backup` and `receive` print it.
+    pub fn summary(&self) -> String {
+        format!(
+            "snapshot {} ({}, {} bytes, {} bytes stored)",
+            self.reference(),
+            self.kind.as_str(),
+            self.size,
+            self.stored_bytes
+        )
+    }
+
+    /// A snapshot of disk `d` for unit tests.
+    #[cfg(test)]
+    pub fn for_test(time: DateTime<Utc>, seq: u32, kind: SnapshotKind, size: u64) -> Self {
+        SnapshotInfo {
+            disk: DiskName::parse("d").expect("valid name"),
+            id: SnapshotId::new(time, seq),
+            time,
+            kind,
+            parent: None,
+            size,
+            granularity: 65536,
+            label: String::new(),
+            checkpoint: None,
+            bitmap: None,
+            protected: false,
+            stored_bytes: 0,
+        }
+    }
+}
+
 pub fn format_time(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
