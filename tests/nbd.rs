@@ -536,3 +536,121 @@ fn receive_survives_bad_clients() {
     assert!(!ok && out.contains("nothing committed"), "{out}");
     assert_eq!(env.snapshots().len(), 1);
 }
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// TCP URIs both ways, and --keep-listening after a dropped writer.
+#[test]
+fn tcp_and_keep_listening() {
+    use strata::nbd::wire::*;
+    let env = Env::new();
+    let disk = Qcow::create(env.path("t.qcow2"), 8 << 20);
+    disk.io(&["write -P 0x5c 1M 2M"]);
+    let truth = disk.truth(&env.path("t.raw"));
+
+    // Pull over TCP from qemu-nbd.
+    let port = free_port().to_string();
+    sh(
+        "qemu-nbd",
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "--fork",
+            "--persistent",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port,
+            disk.p(),
+        ],
+    );
+    let pulled = env.run(&[
+        "backup",
+        "--disk",
+        "tcp",
+        &format!("nbd://127.0.0.1:{port}/"),
+    ]);
+    let _ = Command::new("pkill")
+        .args(["-f", &format!("qemu-nbd.*-p {port}")])
+        .status();
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    env.assert_restores("tcp@latest", &truth);
+
+    // Push over TCP, surviving a writer that drops its connection.
+    let port = free_port();
+    let listen = format!("nbd://127.0.0.1:{port}");
+    let mut child = env
+        .cmd()
+        .args([
+            "receive",
+            "--disk",
+            "tcp2",
+            "--size",
+            &(8u64 << 20).to_string(),
+            "--listen",
+            &listen,
+            "--keep-listening",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening"), "{line}");
+    {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut hello = [0u8; 18];
+        c.read_exact(&mut hello).unwrap();
+        c.write_all(&u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
+            .unwrap();
+        write_option(&mut c, OPT_EXPORT_NAME, b"").unwrap();
+        u64_be(&mut c).unwrap();
+        u16_be(&mut c).unwrap();
+        Request {
+            flags: 0,
+            kind: CMD_WRITE,
+            cookie: 1,
+            offset: 0,
+            length: 512,
+        }
+        .write_to(&mut c)
+        .unwrap();
+        c.write_all(&[9u8; 512]).unwrap();
+        assert_eq!(u32_be(&mut c).unwrap(), SIMPLE_REPLY_MAGIC);
+        assert_eq!(u32_be(&mut c).unwrap(), 0);
+        u64_be(&mut c).unwrap();
+    } // dropped without NBD_CMD_DISC
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            truth.to_str().unwrap(),
+            &format!("{listen}/"),
+        ],
+    );
+    let (ok, out) = finish(child);
+    assert!(ok, "{out}");
+    // The dropped writer's 512 bytes of 9s are not in the snapshot.
+    env.assert_restores("tcp2@latest", &truth);
+    assert_eq!(env.snapshots().len(), 2);
+}
