@@ -113,14 +113,10 @@ fn write_data(
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| 4 * std::thread::available_parallelism().map_or(2, |n| n.get()));
-    // Work is handed out by runs of data segments of one chunk, so that a
-    // chunk is read and decoded once, by one worker.
-    let data: Vec<&Segment> = map
-        .segments
-        .iter()
-        .filter(|s| matches!(s.piece, Piece::Data { .. }))
-        .collect();
-    let runs: Vec<&[&Segment]> = data.chunk_by(|a, b| chunk_of(a) == chunk_of(b)).collect();
+    // Work is handed out per chunk, with all the segments that use it, so
+    // that each chunk is read and decoded once. In an image flattened from
+    // incrementals, a base chunk's segments are interleaved with newer ones.
+    let runs = segments_by_chunk(map);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
@@ -157,6 +153,22 @@ fn chunk_of(s: &Segment) -> Option<ChunkId> {
         Piece::Data { chunk, .. } => Some(chunk),
         Piece::Zero => None,
     }
+}
+
+/// The data segments grouped by chunk, groups in order of first use.
+fn segments_by_chunk(map: &ImageMap) -> Vec<Vec<&Segment>> {
+    let mut groups: Vec<Vec<&Segment>> = Vec::new();
+    let mut index: std::collections::HashMap<ChunkId, usize> = std::collections::HashMap::new();
+    for seg in &map.segments {
+        if let Some(chunk) = chunk_of(seg) {
+            let i = *index.entry(chunk).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[i].push(seg);
+        }
+    }
+    groups
 }
 
 /// Decode the run's chunk once and write each of its segments.
