@@ -5,6 +5,7 @@
 # repository when FUSE is available.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
 cargo build --release --quiet
 strata="$PWD/target/release/strata"
 work=$(mktemp -d /tmp/strata-demo.XXXXXX)
