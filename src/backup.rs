@@ -150,10 +150,7 @@ struct Captured {
     stored_bytes: u64,
 }
 
-/// Read `windows` (each inside one chunk cell, sorted) from `source` and
-/// store them, one chunk per cell: the data runs of a cell are stored
-/// together and the segments point into that chunk. A sparse or scattered
-/// cell then costs one chunk file, not one per run.
+/// Read `windows` (each inside one chunk cell) from `source` and store them.
 fn capture(
     repo: &Repository,
     source: &dyn Source,
@@ -162,10 +159,7 @@ fn capture(
 ) -> Result<Captured> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let chunk_size = repo.config().chunk_size as usize;
-    let cells: Vec<&[ByteRange]> = windows
-        .chunk_by(|a, b| a.offset / chunk_size as u64 == b.offset / chunk_size as u64)
-        .collect();
-    let (work_tx, work_rx) = sync_channel::<(&[ByteRange], Vec<u8>)>(workers * 2);
+    let (work_tx, work_rx) = sync_channel::<(ByteRange, Vec<u8>)>(workers * 2);
     let work_rx = Mutex::new(work_rx);
     let readers = source.parallel_reads().max(1);
     let (free_tx, free_rx) = channel::<Vec<u8>>();
@@ -193,16 +187,16 @@ fn capture(
                 let free_tx = free_tx;
                 loop {
                     let item = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok((cell, buf)) = item else { break };
+                    let Ok((range, buf)) = item else { break };
                     if !failed.load(Ordering::SeqCst) {
-                        match store_cell(repo, cell, &buf, chunk_size as u64) {
+                        match store_window(repo, range, &buf[..range.length as usize]) {
                             Ok((segs, n)) => {
                                 stored.fetch_add(n, Ordering::Relaxed);
                                 results
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
                                     .extend(segs);
-                                progress(cell.iter().map(|r| r.length).sum());
+                                progress(range.length);
                                 crate::testhook::pause("backup:capturing");
                             }
                             Err(e) => fail(e),
@@ -212,27 +206,22 @@ fn capture(
                 }
             });
         }
-        // Readers take cells in order from a shared index; several reads in
-        // flight hide a network source's latency. Results are sorted
+        // Readers take windows in order from a shared index; several reads
+        // in flight hide a network source's latency. Results are sorted
         // afterwards, so order does not matter.
         for _ in 0..readers {
             let work_tx = work_tx.clone();
             s.spawn(|| {
                 let work_tx = work_tx;
                 while !failed.load(Ordering::SeqCst) {
-                    let Some(&cell) = cells.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    let Some(range) = windows.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         break;
                     };
                     let buf = free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok(mut buf) = buf else { break };
-                    let base = cell[0].offset - cell[0].offset % chunk_size as u64;
-                    let read = cell.iter().try_for_each(|r| {
-                        let at = (r.offset - base) as usize;
-                        source.read_exact_at(&mut buf[at..at + r.length as usize], r.offset)
-                    });
-                    match read {
+                    match source.read_exact_at(&mut buf[..range.length as usize], range.offset) {
                         Ok(()) => {
-                            if work_tx.send((cell, buf)).is_err() {
+                            if work_tx.send((*range, buf)).is_err() {
                                 break;
                             }
                         }
@@ -253,53 +242,41 @@ fn capture(
     })
 }
 
-/// Split the ranges of one cell into zero blocks and data runs, and store
-/// the runs as one chunk. `buf` holds the cell, each range at its offset.
-fn store_cell(
-    repo: &Repository,
-    cell: &[ByteRange],
-    buf: &[u8],
-    chunk_size: u64,
-) -> Result<(Vec<Segment>, u64)> {
-    let base = cell[0].offset - cell[0].offset % chunk_size;
-    let bytes = |r: ByteRange| &buf[(r.offset - base) as usize..(r.end() - base) as usize];
-    let mut zeros: Vec<Segment> = Vec::new();
-    let mut runs: Vec<ByteRange> = Vec::new();
-    for range in cell {
-        for block in range.split_aligned(GRANULARITY) {
-            if is_zero(bytes(block)) {
-                zeros.push(Segment::zero(block));
-            } else {
-                match runs.last_mut() {
-                    Some(r) if r.end() == block.offset => r.length += block.length,
-                    _ => runs.push(block),
+/// Split one window into zero blocks and data runs; store each run as a chunk.
+fn store_window(repo: &Repository, range: ByteRange, data: &[u8]) -> Result<(Vec<Segment>, u64)> {
+    let mut segs: Vec<Segment> = Vec::new();
+    let mut stored = 0;
+    let mut run: Option<ByteRange> = None;
+    let mut flush = |run: &mut Option<ByteRange>, segs: &mut Vec<Segment>| -> Result<()> {
+        if let Some(r) = run.take() {
+            let start = (r.offset - range.offset) as usize;
+            let put = repo.chunks().put(&data[start..start + r.length as usize])?;
+            stored += put.stored;
+            segs.push(Segment::data(r, put.id, 0));
+        }
+        Ok(())
+    };
+    for block in range.split_aligned(GRANULARITY) {
+        let start = (block.offset - range.offset) as usize;
+        if is_zero(&data[start..start + block.length as usize]) {
+            flush(&mut run, &mut segs)?;
+            match segs.last_mut() {
+                Some(last)
+                    if last.kind() == ExtentKind::Zero && last.range.end() == block.offset =>
+                {
+                    last.range.length += block.length;
                 }
+                _ => segs.push(Segment::zero(block)),
             }
+        } else {
+            run = Some(match run {
+                Some(r) => ByteRange::from_bounds(r.offset, block.end()),
+                None => block,
+            });
         }
     }
-    let (segments, stored) = match runs.as_slice() {
-        [] => (Vec::new(), 0),
-        [one] => {
-            let put = repo.chunks().put(bytes(*one))?;
-            (vec![Segment::data(*one, put.id, 0)], put.stored)
-        }
-        many => {
-            let mut joined = Vec::with_capacity(many.iter().map(|r| r.length as usize).sum());
-            let mut skips = Vec::with_capacity(many.len());
-            for r in many {
-                skips.push(joined.len() as u32);
-                joined.extend_from_slice(bytes(*r));
-            }
-            let put = repo.chunks().put(&joined)?;
-            let segs = many
-                .iter()
-                .zip(skips)
-                .map(|(r, skip)| Segment::data(*r, put.id, skip));
-            (segs.collect(), put.stored)
-        }
-    };
-    zeros.extend(segments);
-    Ok((zeros, stored))
+    flush(&mut run, &mut segs)?;
+    Ok((segs, stored))
 }
 
 pub fn is_zero(buf: &[u8]) -> bool {
