@@ -62,6 +62,8 @@ thread_local! {
     // zstd contexts are costly to set up; each worker thread keeps its own.
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    // Chunk files as read from disk, before decoding: one buffer per thread.
+    static FILE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 fn compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
@@ -211,16 +213,22 @@ impl ChunkStore {
     /// Read and decode a chunk, checking its hash.
     pub fn get_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()> {
         let path = self.path(id);
-        let file = match fs::read(&path) {
-            // gc may be checking it under its trash name at this moment.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::read(trash_path(&path)),
-            other => other,
-        }
-        .map_err(|e| Error::BadChunk {
-            hash: id.to_hex(),
-            message: format!("cannot read {}: {e}", path.display()),
-        })?;
-        decode(id, &file, into)
+        FILE_BUF.with(|cell| {
+            let mut file = cell.borrow_mut();
+            file.clear();
+            let read = match read_file(&path, &mut file) {
+                // gc may be checking it under its trash name at this moment.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    read_file(&trash_path(&path), &mut file)
+                }
+                other => other,
+            };
+            read.map_err(|e| Error::BadChunk {
+                hash: id.to_hex(),
+                message: format!("cannot read {}: {e}", path.display()),
+            })?;
+            decode(id, &file, into)
+        })
     }
 
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
@@ -251,6 +259,13 @@ impl ChunkStore {
         }
         Ok(out)
     }
+}
+
+/// Read a whole file into `buf` (reused across calls by the caller).
+fn read_file(path: &Path, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Read;
+    buf.clear();
+    fs::File::open(path)?.read_to_end(buf).map(|_| ())
 }
 
 /// Where gc puts a chunk while it decides whether to delete it.

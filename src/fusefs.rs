@@ -34,6 +34,7 @@ const DIR_TTL: Duration = Duration::from_secs(1);
 /// How far ahead of a sequential reader chunks are decoded.
 const READ_AHEAD: u64 = 16 << 20;
 const CACHE_BYTES: usize = 96 << 20;
+const READ_AHEAD_THREADS: usize = 8;
 
 /// One snapshot as the mount shows it; shared by its `.raw` and `.json`.
 struct SnapFile {
@@ -106,11 +107,7 @@ impl ImageFs {
         let rx = Arc::new(Mutex::new(rx));
         // More read-ahead threads than cores: on a cold cache they mostly
         // wait for the disk, and several reads in flight keep it busy.
-        let threads: usize = std::env::var("STRATA_READAHEAD_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(8);
-        for _ in 0..threads {
+        for _ in 0..READ_AHEAD_THREADS {
             let (repo, cache, rx) = (repo.clone(), cache.clone(), rx.clone());
             std::thread::Builder::new()
                 .name("read-ahead".into())

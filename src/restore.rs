@@ -109,10 +109,7 @@ fn write_data(
 ) -> Result<()> {
     // Reading chunk files from a cold cache waits on the disk: more threads
     // than cores keep several reads in flight while others decode.
-    let workers = std::env::var("STRATA_RESTORE_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| 4 * std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let workers = 4 * std::thread::available_parallelism().map_or(2, |n| n.get());
     // Work is handed out per chunk, with all the segments that use it, so
     // that each chunk is read and decoded once. In an image flattened from
     // incrementals, a base chunk's segments are interleaved with newer ones.

@@ -8,7 +8,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 
-use common::{allocated, assert_same, qemu_chain, sh, wait_exit, Env, Mounted};
+use common::{allocated, assert_same, qemu_chain, sh, wait_exit, Env, Mounted, Qcow};
 
 fn snapshot_map(env: &Env, snap: &str) -> Vec<(u64, u64, String)> {
     let doc: serde_json::Value = serde_json::from_str(&env.ok(&["map", "--json", snap])).unwrap();
@@ -196,21 +196,7 @@ fn instant_recovery_overlay() {
     let (snap, truth) = chain.last().unwrap();
     let before = env.repo_state();
     let m = Mounted::new(&env, "mnt");
-    let overlay = env.path("overlay.qcow2");
-    sh(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            m.image(snap).to_str().unwrap(),
-            "-F",
-            "raw",
-            overlay.to_str().unwrap(),
-        ],
-    );
+    let overlay = Qcow::overlay(env.path("overlay.qcow2"), &m.image(snap), "raw").path;
     sh(
         "qemu-io",
         &[

@@ -439,16 +439,7 @@ fn receive_survives_bad_clients() {
 
     // A well-formed client with bad requests.
     let mut c = UnixStream::connect(&sock).unwrap();
-    c.read_exact(&mut hello).unwrap();
-    c.write_all(&u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
-        .unwrap();
-    write_option(&mut c, OPT_EXPORT_NAME, b"").unwrap();
-    assert_eq!(u64_be(&mut c).unwrap(), size);
-    u16_be(&mut c).unwrap();
-    let reply = |c: &mut UnixStream| -> (u32, u64) {
-        assert_eq!(u32_be(c).unwrap(), SIMPLE_REPLY_MAGIC);
-        (u32_be(c).unwrap(), u64_be(c).unwrap())
-    };
+    assert_eq!(raw_handshake(&mut c), size);
     for (cookie, kind, offset, length, payload, want) in [
         (1, CMD_READ, size, 4096u32, 0usize, EINVAL),
         (2, CMD_READ, 0, 64 << 20, 0, EINVAL),
@@ -457,17 +448,11 @@ fn receive_survives_bad_clients() {
         (5, 99, 0, 0, 0, EINVAL),
         (6, CMD_READ, 4096, 4096, 0, 0),
     ] {
-        Request {
-            flags: 0,
-            kind,
-            cookie,
-            offset,
-            length,
-        }
-        .write_to(&mut c)
-        .unwrap();
-        c.write_all(&vec![0xabu8; payload]).unwrap();
-        let (err, got) = reply(&mut c);
+        let (err, got) = raw_request(
+            &mut c,
+            req(kind, cookie, offset, length),
+            &vec![0xabu8; payload],
+        );
         assert_eq!((err, got), (want, cookie), "request {cookie}");
         if kind == CMD_READ && err == 0 {
             let mut data = vec![1u8; length as usize];
@@ -475,15 +460,7 @@ fn receive_survives_bad_clients() {
             assert!(data.iter().all(|&b| b == 0));
         }
     }
-    Request {
-        flags: 0,
-        kind: CMD_DISC,
-        cookie: 7,
-        offset: 0,
-        length: 0,
-    }
-    .write_to(&mut c)
-    .unwrap();
+    req(CMD_DISC, 7, 0, 0).write_to(&mut c).unwrap();
     drop(c);
     assert!(
         env.snapshots().is_empty(),
@@ -513,28 +490,53 @@ fn receive_survives_bad_clients() {
     // A writer that drops its connection commits nothing; exit 1.
     let (child, sock) = start_receive(&env, &["--disk", "r", "--size", &size.to_string()]);
     let mut c = UnixStream::connect(&sock).unwrap();
-    c.read_exact(&mut hello).unwrap();
-    c.write_all(&u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
-        .unwrap();
-    write_option(&mut c, OPT_EXPORT_NAME, b"").unwrap();
-    u64_be(&mut c).unwrap();
-    u16_be(&mut c).unwrap();
-    Request {
-        flags: 0,
-        kind: CMD_WRITE,
-        cookie: 1,
-        offset: 0,
-        length: 4096,
-    }
-    .write_to(&mut c)
-    .unwrap();
-    c.write_all(&[7u8; 4096]).unwrap();
-    let (err, _) = reply(&mut c);
-    assert_eq!(err, 0);
+    raw_handshake(&mut c);
+    assert_eq!(
+        raw_request(&mut c, req(CMD_WRITE, 1, 0, 4096), &[7u8; 4096]).0,
+        0
+    );
     drop(c);
     let (ok, out) = finish(child);
     assert!(!ok && out.contains("nothing committed"), "{out}");
     assert_eq!(env.snapshots().len(), 1);
+}
+
+/// The client half of a fixed-newstyle handshake with NBD_OPT_EXPORT_NAME,
+/// by hand; returns the export size.
+fn raw_handshake<S: Read + Write>(c: &mut S) -> u64 {
+    use strata::nbd::wire::*;
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).unwrap();
+    c.write_all(&u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    write_option(c, OPT_EXPORT_NAME, b"").unwrap();
+    let size = u64_be(c).unwrap();
+    u16_be(c).unwrap();
+    size
+}
+
+/// Send one request with `payload` after it; return the simple reply's
+/// (error, cookie). READ data that follows is left to the caller.
+fn raw_request<S: Read + Write>(
+    c: &mut S,
+    req: strata::nbd::wire::Request,
+    payload: &[u8],
+) -> (u32, u64) {
+    use strata::nbd::wire::*;
+    req.write_to(c).unwrap();
+    c.write_all(payload).unwrap();
+    assert_eq!(u32_be(c).unwrap(), SIMPLE_REPLY_MAGIC);
+    (u32_be(c).unwrap(), u64_be(c).unwrap())
+}
+
+fn req(kind: u16, cookie: u64, offset: u64, length: u32) -> strata::nbd::wire::Request {
+    strata::nbd::wire::Request {
+        flags: 0,
+        kind,
+        cookie,
+        offset,
+        length,
+    }
 }
 
 /// A free TCP port on loopback.
@@ -614,26 +616,11 @@ fn tcp_and_keep_listening() {
     assert!(line.starts_with("listening"), "{line}");
     {
         let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let mut hello = [0u8; 18];
-        c.read_exact(&mut hello).unwrap();
-        c.write_all(&u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
-            .unwrap();
-        write_option(&mut c, OPT_EXPORT_NAME, b"").unwrap();
-        u64_be(&mut c).unwrap();
-        u16_be(&mut c).unwrap();
-        Request {
-            flags: 0,
-            kind: CMD_WRITE,
-            cookie: 1,
-            offset: 0,
-            length: 512,
-        }
-        .write_to(&mut c)
-        .unwrap();
-        c.write_all(&[9u8; 512]).unwrap();
-        assert_eq!(u32_be(&mut c).unwrap(), SIMPLE_REPLY_MAGIC);
-        assert_eq!(u32_be(&mut c).unwrap(), 0);
-        u64_be(&mut c).unwrap();
+        raw_handshake(&mut c);
+        assert_eq!(
+            raw_request(&mut c, req(CMD_WRITE, 1, 0, 512), &[9u8; 512]).0,
+            0
+        );
     } // dropped without NBD_CMD_DISC
     sh(
         "qemu-img",

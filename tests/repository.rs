@@ -115,22 +115,8 @@ fn qemu_img_map_as_change_list() {
     base.io(&["write -P 0x61 0 8M"]);
     let t0 = base.truth(&env.path("t0.raw"));
     env.backup(&["--disk", "m", t0.to_str().unwrap()]);
-    let top = env.path("top.qcow2");
-    sh(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.p(),
-            "-F",
-            "qcow2",
-            top.to_str().unwrap(),
-        ],
-    );
-    let top = Qcow { path: top };
+    let top = Qcow::overlay(env.path("top.qcow2"), &base.path, "qcow2");
+
     top.io(&[
         "write -P 0x62 1M 64k",
         "write -z 4M 128k",

@@ -161,6 +161,26 @@ impl Qcow {
         Qcow { path }
     }
 
+    /// A new qcow2 at `path` backed by `backing` (of format `fmt`).
+    pub fn overlay(path: PathBuf, backing: &Path, fmt: &str) -> Self {
+        let b = backing.to_str().unwrap();
+        sh(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                b,
+                "-F",
+                fmt,
+                path.to_str().unwrap(),
+            ],
+        );
+        Qcow { path }
+    }
+
     pub fn p(&self) -> &str {
         self.path.to_str().unwrap()
     }
