@@ -8,6 +8,12 @@
                                       overwrite PERCENT of the image's 64 KiB
                                       clusters with random data and write the
                                       changed ranges as strata extent JSON
+  benchdata.py qemu-io PATH CHANGES.json PARTS_DIR
+                                      print qemu-io commands that write the
+                                      changed ranges of PATH into a qcow2
+                                      overlay (data staged in PARTS_DIR), so
+                                      that each layer of the qcow2 chain holds
+                                      only what changed, as a real incremental
 """
 import json
 import os
@@ -52,10 +58,25 @@ def change(path, percent, seed, out):
         json.dump({"size": size, "extents": extents}, f)
 
 
+def qemu_io(path, changes, parts):
+    os.makedirs(parts, exist_ok=True)
+    with open(changes) as f:
+        extents = json.load(f)["extents"]
+    with open(path, "rb") as src:
+        for i, e in enumerate(extents):
+            part = os.path.join(parts, str(i))
+            src.seek(e["offset"])
+            with open(part, "wb") as out:
+                out.write(src.read(e["length"]))
+            print(f"write -q -s {part} {e['offset']} {e['length']}")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "base":
         base(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "change":
         change(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    elif sys.argv[1] == "qemu-io":
+        qemu_io(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         sys.exit(__doc__)

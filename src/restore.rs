@@ -55,8 +55,12 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
     let bar = crate::progress::bytes(map.data_bytes(), &format!("restore {}", info.reference()));
     write_data(repo, &map, &file, !block_device, &|n| bar.inc(n))?;
     bar.finish_and_clear();
-    file.sync_all()
-        .ctx(|| format!("fsync {}", target.display()))?;
+    // Like cp, dd and qemu-img convert, a file is left to the kernel's
+    // writeback; a device is flushed, since it is often detached next.
+    if block_device {
+        file.sync_all()
+            .ctx(|| format!("fsync {}", target.display()))?;
+    }
     Ok(())
 }
 
