@@ -162,8 +162,11 @@ fn capture(
     let (work_tx, work_rx) = sync_channel::<(ByteRange, Vec<u8>)>(workers * 2);
     let work_rx = Mutex::new(work_rx);
     let readers = source.parallel_reads().max(1);
+    let batch = source.read_batch().max(1);
     let (free_tx, free_rx) = channel::<Vec<u8>>();
-    for _ in 0..(workers + readers) * 2 {
+    // Enough for every reader to hold a full batch at once (so readers
+    // never wait on each other for buffers) and for workers to stay busy.
+    for _ in 0..(workers + readers * batch) * 2 {
         free_tx.send(vec![0u8; chunk_size]).expect("receiver alive");
     }
     let free_rx = Mutex::new(free_rx);
@@ -206,26 +209,38 @@ fn capture(
                 }
             });
         }
-        // Readers take windows in order from a shared index; several reads
-        // in flight hide a network source's latency. Results are sorted
-        // afterwards, so order does not matter.
+        // Readers take batches of windows in order from a shared index;
+        // several reads in flight hide a network source's latency. Results
+        // are sorted afterwards, so order does not matter.
         for _ in 0..readers {
             let work_tx = work_tx.clone();
             s.spawn(|| {
                 let work_tx = work_tx;
                 while !failed.load(Ordering::SeqCst) {
-                    let Some(range) = windows.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    let start = next.fetch_add(batch, Ordering::Relaxed);
+                    let Some(ranges) = windows.get(start..windows.len().min(start + batch)) else {
                         break;
                     };
-                    let buf = free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok(mut buf) = buf else { break };
-                    match source.read_exact_at(&mut buf[..range.length as usize], range.offset) {
-                        Ok(()) => {
-                            if work_tx.send((*range, buf)).is_err() {
-                                break;
-                            }
+                    let mut bufs = Vec::with_capacity(ranges.len());
+                    for _ in ranges {
+                        match free_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                            Ok(buf) => bufs.push(buf),
+                            Err(_) => return,
                         }
-                        Err(e) => fail(e),
+                    }
+                    let mut reads: Vec<(u64, &mut [u8])> = ranges
+                        .iter()
+                        .zip(bufs.iter_mut())
+                        .map(|(r, b)| (r.offset, &mut b[..r.length as usize]))
+                        .collect();
+                    if let Err(e) = source.read_many(&mut reads) {
+                        fail(e);
+                        break;
+                    }
+                    for (range, buf) in ranges.iter().zip(bufs) {
+                        if work_tx.send((*range, buf)).is_err() {
+                            return;
+                        }
                     }
                 }
             });

@@ -23,6 +23,18 @@ pub trait Source: Sync {
     fn parallel_reads(&self) -> usize {
         2
     }
+    /// How many consecutive windows a reader takes at once, to be read by
+    /// one `read_many`: a network source sends them as one pipelined batch.
+    fn read_batch(&self) -> usize {
+        1
+    }
+    /// Fill each buffer from its offset.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<()> {
+        for (offset, buf) in reads.iter_mut() {
+            self.read_exact_at(buf, *offset)?;
+        }
+        Ok(())
+    }
     /// Everything has been read; called before the snapshot is committed.
     fn finished(&self) {}
 }

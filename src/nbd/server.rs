@@ -497,14 +497,13 @@ impl Connection<'_> {
                     };
                     write_simple_reply(w, e, req.cookie, &[])?;
                 }
+                // The staging file is scratch: a crash discards it whether
+                // or not it was synced, and what a clean DISC commits is
+                // made durable by the commit. Syncing here would write the
+                // whole backup to disk once more for nothing.
                 CMD_FLUSH => {
                     self.changed = true;
-                    let e = if self.staging.file.sync_data().is_ok() {
-                        0
-                    } else {
-                        EIO
-                    };
-                    write_simple_reply(w, e, req.cookie, &[])?;
+                    write_simple_reply(w, 0, req.cookie, &[])?;
                 }
                 CMD_CACHE => write_simple_reply(w, 0, req.cookie, &[])?,
                 _ => write_simple_reply(w, EINVAL, req.cookie, &[])?,
