@@ -41,11 +41,29 @@ pub struct BackupOptions {
     pub check_unchanged: f64,
 }
 
+/// Segments stored before the backup ran (by `receive`, while the data
+/// arrived), for parts of the disk the source's plan leaves out.
+#[derive(Debug, Default)]
+pub struct Prechunked {
+    pub segments: Vec<Segment>,
+    pub stored_bytes: u64,
+}
+
 /// Take a snapshot of `source` as `opts` says and commit it.
 pub fn backup(
     repo: &Repository,
     source: &dyn Source,
     opts: &BackupOptions,
+) -> Result<SnapshotInfo> {
+    backup_with(repo, source, opts, Prechunked::default())
+}
+
+/// [`backup`], with segments already stored for ranges outside the plan.
+pub fn backup_with(
+    repo: &Repository,
+    source: &dyn Source,
+    opts: &BackupOptions,
+    pre: Prechunked,
 ) -> Result<SnapshotInfo> {
     let disk = opts
         .disk
@@ -122,6 +140,7 @@ pub fn backup(
     log::debug!("read; committing");
     bar.finish_and_clear();
     segments.extend(captured.segments);
+    segments.extend(pre.segments);
     crate::testhook::pause("backup:captured");
     let own = ImageMap::new(size, segments);
     let info = repo.commit(NewSnapshot {
@@ -133,7 +152,7 @@ pub fn backup(
         label: opts.label.clone(),
         checkpoint: opts.checkpoint.clone(),
         bitmap: opts.bitmap.clone(),
-        stored_bytes: captured.stored_bytes,
+        stored_bytes: captured.stored_bytes + pre.stored_bytes,
         own,
     })?;
     log::info!(
@@ -258,7 +277,11 @@ fn capture(
 }
 
 /// Split one window into zero blocks and data runs; store each run as a chunk.
-fn store_window(repo: &Repository, range: ByteRange, data: &[u8]) -> Result<(Vec<Segment>, u64)> {
+pub(crate) fn store_window(
+    repo: &Repository,
+    range: ByteRange,
+    data: &[u8],
+) -> Result<(Vec<Segment>, u64)> {
     let mut segs: Vec<Segment> = Vec::new();
     let mut stored = 0;
     let mut run: Option<ByteRange> = None;

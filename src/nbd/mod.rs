@@ -4,6 +4,7 @@
 //! document (NetworkBlockDevice/nbd doc/proto.md) and proven against
 //! qemu-nbd, qemu-storage-daemon, nbdinfo and qemu-img.
 
+mod cells;
 pub mod client;
 pub mod server;
 pub mod wire;

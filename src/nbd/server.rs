@@ -1,11 +1,13 @@
 //! `strata receive`: an NBD server that QEMU's `blockdev-backup` pushes
-//! into. Writes land in a sparse staging file under `<repo>/tmp` as they
-//! arrive (memory stays bounded) and in a map of written and zeroed ranges;
-//! READ answers with the image as written so far, over the parent's for an
+//! into. Writes are kept in memory per chunk cell and chunked as soon as a
+//! cell is complete (`cells.rs`); what is not (cells written in part, again,
+//! or read back) lands in a sparse staging file under `<repo>/tmp`, so memory
+//! stays bounded. A map of written and zeroed ranges records it all; READ
+//! answers with the image as written so far, over the parent's for an
 //! incremental. The first connection that changed something and then sent
-//! NBD_CMD_DISC is committed through the ordinary backup pipeline. A
-//! connection that drops commits nothing; one that only reads or asks
-//! questions changes nothing.
+//! NBD_CMD_DISC is committed through the ordinary backup pipeline, with the
+//! cells chunked on the way. A connection that drops commits nothing; one
+//! that only reads or asks questions changes nothing.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -14,9 +16,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
+use super::cells::Cells;
 use super::wire::*;
 use super::{Endpoint, NbdUri, Stream};
-use crate::backup::{backup, BackupOptions};
+use crate::backup::{backup_with, BackupOptions};
 use crate::changes::ChangeList;
 use crate::error::{Error, IoContext, Result};
 use crate::extent::{ByteRange, Extent, ExtentKind};
@@ -46,7 +49,7 @@ pub struct ReceiveOptions {
 
 /// Written (`data`) and zeroed ranges; later writes replace earlier ones.
 #[derive(Debug, Default)]
-struct Written(BTreeMap<u64, (u64, ExtentKind)>);
+pub(super) struct Written(BTreeMap<u64, (u64, ExtentKind)>);
 
 impl Written {
     fn insert(&mut self, r: ByteRange, kind: ExtentKind) {
@@ -79,7 +82,7 @@ impl Written {
     }
 
     /// Entries intersecting `r`, clipped.
-    fn within(&self, r: ByteRange) -> Vec<(ByteRange, ExtentKind)> {
+    pub(super) fn within(&self, r: ByteRange) -> Vec<(ByteRange, ExtentKind)> {
         let first = self
             .0
             .range(..=r.offset)
@@ -102,6 +105,9 @@ struct Staging {
     file: File,
     size: u64,
     written: Written,
+    /// What the commit reads from the file: the written ranges without the
+    /// cells chunked as they arrived.
+    plan: Vec<Extent>,
 }
 
 impl Staging {
@@ -124,6 +130,7 @@ impl Staging {
             file,
             size,
             written: Written::default(),
+            plan: Vec::new(),
         })
     }
 }
@@ -148,7 +155,7 @@ impl Source for Staging {
             .ctx(|| format!("read {}", self.path.display()))
     }
     fn allocation(&self) -> Result<Vec<Extent>> {
-        Ok(self.written.extents())
+        Ok(self.plan.clone())
     }
     /// Drop the staged data before the commit's syncfs would write it out.
     fn finished(&self) {
@@ -213,14 +220,29 @@ pub fn receive(
         n += 1;
         let mut staging = Staging::new(repo, size, n)?;
         let stream = listener.accept()?;
-        let mut conn = Connection {
-            repo,
-            staging: &mut staging,
-            base: base.as_ref(),
-            cache: ChunkCache::new(16 << 20),
-            changed: false,
-        };
-        match conn.serve(stream) {
+        let (outcome, pre) = std::thread::scope(|s| {
+            let mut cells = Cells::start(s, repo, size);
+            let outcome = Connection {
+                repo,
+                staging: &mut staging,
+                cells: &mut cells,
+                base: base.as_ref(),
+                cache: ChunkCache::new(16 << 20),
+                changed: false,
+                failed: false,
+            }
+            .serve(stream);
+            let pre = match outcome {
+                Outcome::Commit => Some(
+                    cells
+                        .finish(&staging.file)
+                        .map(|pre| (pre, cells.remaining(staging.written.extents()))),
+                ),
+                _ => None,
+            };
+            (outcome, pre)
+        });
+        match outcome {
             Outcome::Untouched => continue,
             Outcome::Dropped(why) if opts.keep_listening => {
                 log::warn!("{why}; nothing committed, waiting for the next connection");
@@ -228,10 +250,12 @@ pub fn receive(
             }
             Outcome::Dropped(why) => return Err(Error::Nbd(format!("{why}; nothing committed"))),
             Outcome::Commit => {
+                let (pre, plan) = pre.expect("finished on commit")?;
+                staging.plan = plan;
                 let changes = parent.as_ref().map(|_| ChangeList {
                     origin: "the NBD client's writes".into(),
                     size: Some(size),
-                    extents: staging.written.extents(),
+                    extents: staging.plan.clone(),
                 });
                 let bopts = BackupOptions {
                     disk: Some(disk.clone()),
@@ -248,7 +272,7 @@ pub fn receive(
                     // Unwritten ranges are not in the staging file to compare.
                     check_unchanged: 0.0,
                 };
-                return backup(repo, &staging, &bopts);
+                return backup_with(repo, &staging, &bopts, pre);
             }
         }
     }
@@ -306,15 +330,18 @@ impl Drop for Listener {
     }
 }
 
-struct Connection<'a> {
+struct Connection<'a, 'c> {
     repo: &'a Repository,
-    staging: &'a mut Staging,
+    staging: &'c mut Staging,
+    cells: &'c mut Cells<'a>,
     base: Option<&'a ImageMap>,
     cache: ChunkCache,
     changed: bool,
+    /// A write could not be stored: never commit this connection.
+    failed: bool,
 }
 
-impl Connection<'_> {
+impl Connection<'_, '_> {
     fn serve(&mut self, stream: Stream) -> Outcome {
         let reader = match &stream {
             Stream::Unix(s) => s.try_clone().map(Stream::Unix),
@@ -333,6 +360,9 @@ impl Connection<'_> {
             }
         });
         match result {
+            Ok(true) if self.failed => {
+                Outcome::Dropped("a write could not be stored (answered EIO)".into())
+            }
             Ok(true) if self.changed => Outcome::Commit,
             Ok(_) if !self.changed => Outcome::Untouched,
             Ok(_) => Outcome::Dropped("the client went away without NBD_CMD_DISC".into()),
@@ -451,7 +481,8 @@ impl Connection<'_> {
                     } else {
                         buf.resize(req.length as usize, 0);
                         let range = ByteRange::new(req.offset, req.length.into());
-                        match self.read(range, &mut buf) {
+                        let staged = self.cells.stage(&self.staging.file, range);
+                        match staged.and_then(|()| self.read(range, &mut buf)) {
                             Ok(()) => write_simple_reply(w, 0, req.cookie, &buf)?,
                             Err(e) => {
                                 log::error!("READ: {e}");
@@ -470,15 +501,26 @@ impl Connection<'_> {
                     r.read_exact(&mut buf)?;
                     let e = if !in_range {
                         ENOSPC
-                    } else if self.staging.file.write_all_at(&buf, req.offset).is_err() {
-                        EIO
                     } else {
-                        self.staging.written.insert(
-                            ByteRange::new(req.offset, req.length.into()),
-                            ExtentKind::Data,
-                        );
                         self.changed = true;
-                        0
+                        let staging = &mut *self.staging;
+                        match self
+                            .cells
+                            .write(&staging.file, &staging.written, req.offset, &buf)
+                        {
+                            Ok(()) => {
+                                staging.written.insert(
+                                    ByteRange::new(req.offset, req.length.into()),
+                                    ExtentKind::Data,
+                                );
+                                0
+                            }
+                            Err(e) => {
+                                log::error!("WRITE: {e}");
+                                self.failed = true;
+                                EIO
+                            }
+                        }
                     };
                     write_simple_reply(w, e, req.cookie, &[])?;
                 }
@@ -486,14 +528,18 @@ impl Connection<'_> {
                     let e = if !in_range {
                         ENOSPC
                     } else {
-                        if req.length > 0 {
-                            self.staging.written.insert(
-                                ByteRange::new(req.offset, req.length.into()),
-                                ExtentKind::Zero,
-                            );
-                        }
                         self.changed = true;
-                        0
+                        let range = ByteRange::new(req.offset, req.length.into());
+                        if req.length == 0 {
+                            0
+                        } else if let Err(e) = self.cells.zero(&self.staging.file, range) {
+                            log::error!("WRITE_ZEROES/TRIM: {e}");
+                            self.failed = true;
+                            EIO
+                        } else {
+                            self.staging.written.insert(range, ExtentKind::Zero);
+                            0
+                        }
                     };
                     write_simple_reply(w, e, req.cookie, &[])?;
                 }
