@@ -100,9 +100,13 @@ qemu-img bitmap --add "$W/pull.qcow2" b1
 NBD_SOCK="$W/pull.sock"
 serve() { qemu-nbd -r -f qcow2 -B b1 -e 3 --persistent --fork --socket "$NBD_SOCK" "$W/pull.qcow2"; cat "$W/pull.qcow2" > /dev/null; }
 serve
-t "strata backup nbd+unix:// (full)" "$S" -q backup --disk pull "nbd+unix:///?socket=$NBD_SOCK"; PULL=$(cat "$W/.last")
+# Into an empty repository, like the file backup above: everything is stored.
+STRATA_REPO="$W/repo-pull" "$S" init > /dev/null
+t "strata backup nbd+unix:// (full, empty repo)" env STRATA_REPO="$W/repo-pull" "$S" -q backup --disk pull "nbd+unix:///?socket=$NBD_SOCK"; PULL=$(cat "$W/.last")
+rm -rf "$W/repo-pull"
+t "strata backup nbd+unix:// (full, deduplicated)" "$S" -q backup --disk pull "nbd+unix:///?socket=$NBD_SOCK"; PULLD=$(cat "$W/.last")
 pkill -f "qemu-nbd.*$NBD_SOCK" || true
-echo "pull/file speed: $(python3 -c "print(f'{$FULL/$PULL:.2f}')")"
+echo "pull/file speed: $(python3 -c "print(f'{$FULL/$PULL:.2f}')") (empty repo), $(python3 -c "print(f'{$FULL/$PULLD:.2f}')") (deduplicated)"
 # The same kind of 3% change, written by qemu-io so that the bitmap records it.
 python3 -c '
 import random
@@ -113,7 +117,7 @@ qemu-io -f qcow2 "$W/pull.qcow2" < "$W/pull.cmds" > /dev/null
 serve
 t "strata backup nbd+unix:// --bitmap (3%)" "$S" -q backup --disk pull "nbd+unix:///?socket=$NBD_SOCK" --bitmap b1; PINC=$(cat "$W/.last")
 pkill -f "qemu-nbd.*$NBD_SOCK" || true
-echo "incremental pull/full pull time: $(python3 -c "print(f'{100*$PINC/$PULL:.1f}%')")"
+echo "incremental pull/full pull time: $(python3 -c "print(f'{100*$PINC/$PULLD:.1f}%')") (of the deduplicated full pull)"
 
 echo; echo "## push: blockdev-backup sync=full from qemu-storage-daemon"
 qemu-storage-daemon --blockdev driver=file,node-name=f0,filename="$W/pull.qcow2" \
@@ -124,12 +128,20 @@ QSD_PID=$(cat "$W/qsd2.pid")
 cat "$W/pull.qcow2" > /dev/null
 qemu-img create -q -f qcow2 "$W/target.qcow2" "$SIZE"
 t "blockdev-backup into a local qcow2" python3 scripts/qmp.py "$W/qmp.sock" backup-file "$W/target.qcow2"; QF=$(cat "$W/.last")
-"$S" receive --disk push --size "$SIZE" --listen "nbd+unix:///?socket=$W/recv.sock" > "$W/recv.out" 2>&1 &
-RECV=$!
-while ! grep -q listening "$W/recv.out"; do sleep 0.1; done
-t "blockdev-backup into strata receive (+commit)" sh -c "python3 scripts/qmp.py '$W/qmp.sock' backup-nbd '$W/recv.sock' && tail --pid=$RECV -f /dev/null"; QR=$(cat "$W/.last")
+# push NAME REPO: time blockdev-backup into strata receive, commit included
+push() {
+    rm -f "$W/recv.sock"
+    STRATA_REPO="$2" "$S" receive --disk push --size "$SIZE" --listen "nbd+unix:///?socket=$W/recv.sock" > "$W/recv.out" 2>&1 &
+    RECV=$!
+    while ! grep -q listening "$W/recv.out"; do sleep 0.1; done
+    t "$1" sh -c "python3 scripts/qmp.py '$W/qmp.sock' backup-nbd '$W/recv.sock' && tail --pid=$RECV -f /dev/null"
+}
+STRATA_REPO="$W/repo-push" "$S" init > /dev/null
+push "blockdev-backup into strata receive (empty repo)" "$W/repo-push"; QR=$(cat "$W/.last")
+rm -rf "$W/repo-push"
+push "blockdev-backup into strata receive (deduplicated)" "$STRATA_REPO"; QRD=$(cat "$W/.last")
 kill "$QSD_PID"; tail --pid="$QSD_PID" -f /dev/null; QSD_PID=""
-echo "receive/qcow2 speed: $(python3 -c "print(f'{$QF/$QR:.2f}')")"
+echo "receive/qcow2 speed: $(python3 -c "print(f'{$QF/$QR:.2f}')") (empty repo), $(python3 -c "print(f'{$QF/$QRD:.2f}')") (deduplicated)"
 rm -f "$W/target.qcow2"
 
 echo; echo "## verify of full + 8 incrementals (cold cache)"
@@ -144,12 +156,12 @@ MPID=$(grep -o 'strata:[0-9]*' /proc/self/mountinfo | head -1 | cut -d: -f2)
 IMG="$W/mnt/bench/latest.raw"
 drop; ddread "strata mount, cold" "$IMG"
 ddread "strata mount, second read (page cache)" "$IMG"
+ddread "strata mount, third read (page cache)" "$IMG"
 echo "strata mount RSS after reading: $(awk '/VmHWM/ {print int($2/1024) " MiB"}' /proc/$MPID/status)"
 # The raw file, same history as the image above: dropped, read once, then timed.
 drop; cat "$W/state.raw" > /dev/null
 ddread "plain raw file, second read (page cache)" "$W/state.raw"
 ddread "plain raw file, third read (page cache)" "$W/state.raw"
-ddread "strata mount, third read (page cache)" "$IMG"
 touch "$W/qfile"
 qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$W/q8.qcow2" \
     --blockdev driver=qcow2,node-name=q,file=f \

@@ -169,13 +169,7 @@ impl<'a> Cells<'a> {
 
     /// Store a WRITE_ZEROES or TRIM; `written` already records it.
     pub fn zero(&mut self, staging: &File, range: ByteRange) -> Result<()> {
-        let cells = range.offset / self.cell..range.end().div_ceil(self.cell);
-        let streamed: Vec<u64> = self.streamed.range(cells.clone()).copied().collect();
-        for cell in streamed {
-            self.materialize(staging, cell)?;
-        }
-        let pending: Vec<u64> = self.pending.range(cells).map(|(c, _)| *c).collect();
-        for cell in pending {
+        for cell in self.unchunk(staging, range)? {
             let Some(r) = self.range_of(cell).intersect(&range) else {
                 continue;
             };
@@ -191,16 +185,21 @@ impl<'a> Cells<'a> {
     /// Put the cells `range` touches in the staging file, so that a READ can
     /// be answered from there.
     pub fn stage(&mut self, staging: &File, range: ByteRange) -> Result<()> {
+        for cell in self.unchunk(staging, range)? {
+            self.spill(staging, cell)?;
+        }
+        Ok(())
+    }
+
+    /// Put the chunked cells `range` touches back into the staging file;
+    /// return the pending cells it touches.
+    fn unchunk(&mut self, staging: &File, range: ByteRange) -> Result<Vec<u64>> {
         let cells = range.offset / self.cell..range.end().div_ceil(self.cell);
         let streamed: Vec<u64> = self.streamed.range(cells.clone()).copied().collect();
         for cell in streamed {
             self.materialize(staging, cell)?;
         }
-        let pending: Vec<u64> = self.pending.range(cells).map(|(c, _)| *c).collect();
-        for cell in pending {
-            self.spill(staging, cell)?;
-        }
-        Ok(())
+        Ok(self.pending.range(cells).map(|(c, _)| *c).collect())
     }
 
     /// A new pending cell; what earlier zeroed in it counts as written.
