@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::Scope;
 
 use super::server::Written;
-use crate::backup::{store_window, Prechunked};
+use crate::backup::{chunk_workers, store_window, Prechunked};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::{ByteRange, Extent, ExtentKind};
 use crate::image_map::{Piece, Segment};
@@ -102,7 +102,7 @@ pub struct Cells<'a> {
 impl<'a> Cells<'a> {
     /// Start the chunking workers in `scope`.
     pub fn start<'s>(scope: &'s Scope<'s, 'a>, repo: &'a Repository, size: u64) -> Self {
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let workers = chunk_workers();
         let (work_tx, work_rx) = sync_channel(workers * 2);
         let work_rx = Arc::new(Mutex::new(work_rx));
         let (free_tx, free_rx) = channel();
