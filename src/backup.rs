@@ -6,7 +6,7 @@
 //! blocks, hash, compress and store. Memory is bounded by the pool,
 //! whatever the disk size.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel};
 use std::sync::Mutex;
 
@@ -350,17 +350,16 @@ fn check_unchanged(
         Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64 ^ u64::from(std::process::id()),
     );
     let mut listed = changes.extents.iter().peekable();
-    let (mut ours, mut theirs) = (
-        vec![0u8; GRANULARITY as usize],
-        vec![0u8; GRANULARITY as usize],
-    );
-    let mut sampled = 0u64;
-    // Sample whole chunk cells, so that each decoded parent chunk is used for
-    // every unlisted block in it rather than for one.
-    for cell in ByteRange::new(0, common).split_aligned(repo.config().chunk_size) {
+    let cell_size = repo.config().chunk_size;
+    // Sample whole chunk cells: each decoded parent chunk serves every
+    // unlisted block in it, and the blocks of a cell are read as one batch
+    // (one round trip from a network source, not one per block).
+    let mut sample: Vec<(ByteRange, Vec<ByteRange>)> = Vec::new();
+    for cell in ByteRange::new(0, common).split_aligned(cell_size) {
         if rng.next_f64() * 100.0 >= percent {
             continue;
         }
+        let mut blocks = Vec::new();
         for block in cell.split_aligned(GRANULARITY) {
             while listed
                 .peek()
@@ -368,26 +367,96 @@ fn check_unchanged(
             {
                 listed.next();
             }
-            if listed.peek().is_some_and(|e| e.offset < block.end()) {
-                continue; // the block is (partly) listed as changed
+            // Skip blocks (partly) listed as changed.
+            if listed.peek().is_none_or(|e| e.offset >= block.end()) {
+                blocks.push(block);
             }
-            let n = block.length as usize;
-            source.read_exact_at(&mut ours[..n], block.offset)?;
-            image::read_at(&map, repo.chunks(), &cache, &mut theirs[..n], block.offset)?;
-            if ours[..n] != theirs[..n] {
-                return Err(Error::invalid(format!(
-                    "the change list calls range {}+{} unchanged since {}, but it differs from it: \
-                     the bitmap is wrong or stale; take a full backup (or use --fallback-full)",
-                    block.offset,
-                    block.length,
-                    parent.reference()
-                )));
-            }
-            sampled += 1;
+        }
+        if !blocks.is_empty() {
+            sample.push((cell, blocks));
         }
     }
+    // Cells are independent: several in flight hide disk and network waits.
+    let next = AtomicUsize::new(0);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let (mut ours, mut theirs) =
+                    (vec![0u8; cell_size as usize], vec![0u8; cell_size as usize]);
+                while let Some((cell, blocks)) = sample.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let checked = compare_cell(
+                        repo,
+                        source,
+                        parent,
+                        &map,
+                        &cache,
+                        *cell,
+                        blocks,
+                        &mut ours,
+                        &mut theirs,
+                    );
+                    if let Err(e) = checked {
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        next.store(sample.len(), Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let sampled: usize = sample.iter().map(|(_, b)| b.len()).sum();
     log::debug!("check-unchanged: {sampled} blocks match the parent");
     Ok(())
+}
+
+/// Compare `blocks` of one cell of `source` with the parent's image.
+#[allow(clippy::too_many_arguments)]
+fn compare_cell(
+    repo: &Repository,
+    source: &dyn Source,
+    parent: &SnapshotInfo,
+    map: &ImageMap,
+    cache: &ChunkCache,
+    cell: ByteRange,
+    blocks: &[ByteRange],
+    ours: &mut [u8],
+    theirs: &mut [u8],
+) -> Result<()> {
+    let at = |b: &ByteRange| (b.offset - cell.offset) as usize..(b.end() - cell.offset) as usize;
+    let mut reads = Vec::with_capacity(blocks.len());
+    let mut rest = &mut ours[..cell.length as usize];
+    let mut pos = cell.offset;
+    for b in blocks {
+        let (_, tail) = rest.split_at_mut((b.offset - pos) as usize);
+        let (buf, tail) = tail.split_at_mut(b.length as usize);
+        reads.push((b.offset, buf));
+        rest = tail;
+        pos = b.end();
+    }
+    source.read_many(&mut reads)?;
+    image::read_at(
+        map,
+        repo.chunks(),
+        cache,
+        &mut theirs[..cell.length as usize],
+        cell.offset,
+    )?;
+    match blocks.iter().find(|b| ours[at(b)] != theirs[at(b)]) {
+        None => Ok(()),
+        Some(b) => Err(Error::invalid(format!(
+            "the change list calls range {}+{} unchanged since {}, but it differs from it: \
+             the bitmap is wrong or stale; take a full backup (or use --fallback-full)",
+            b.offset,
+            b.length,
+            parent.reference()
+        ))),
+    }
 }
 
 /// A small, good-enough PRNG for sampling (no need for a crate).

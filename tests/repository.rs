@@ -271,6 +271,39 @@ fn bad_input_changes_nothing() {
 
 /// kill -9 at each step of a backup: earlier snapshots stay exact, nothing
 /// half-made is listed, and the next backup works.
+/// A change list that leaves out a changed range is caught by sampling
+/// (here every unlisted block), names the range, and stores nothing.
+#[test]
+fn lying_change_list_is_caught() {
+    let env = Env::new();
+    let disk = Qcow::create(env.path("d.qcow2"), 4 * MIB);
+    disk.io(&["write -P 0x77 0 3M"]);
+    let src = disk.truth(&env.path("src.raw"));
+    env.backup(&["--disk", "d", src.to_str().unwrap()]);
+    // Two changes; the list names only the first.
+    disk.io(&["write -P 0x01 0 64k", "write -P 0x02 2M 4k"]);
+    let src = disk.truth(&env.path("src2.raw"));
+    let changes = env.path("lie.json");
+    std::fs::write(&changes, r#"{"extents": [{"offset": 0, "length": 65536}]}"#).unwrap();
+    let before = (env.repo_state(), env.snapshots());
+    let args = [
+        "backup",
+        "--disk",
+        "d",
+        src.to_str().unwrap(),
+        "--changes",
+        changes.to_str().unwrap(),
+    ];
+    let err = env.fails(&[&args[..], &["--check-unchanged", "100"]].concat());
+    assert!(
+        err.contains(&format!("range {}+65536", 2 * MIB)) && err.contains("bitmap is wrong"),
+        "{err}"
+    );
+    assert_eq!(before, (env.repo_state(), env.snapshots()));
+    // With sampling off, the same list is taken at its word.
+    env.backup(&[&args[1..], &["--check-unchanged", "0"]].concat());
+}
+
 #[test]
 fn killed_backup_leaves_repository_intact() {
     let env = Env::new();
