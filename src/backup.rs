@@ -343,6 +343,7 @@ fn check_unchanged(
     if percent <= 0.0 {
         return Ok(());
     }
+    let started = std::time::Instant::now();
     let common = parent.size.min(source.size());
     let map = repo.image_map(parent)?;
     let cache = ChunkCache::new(8 << 20);
@@ -380,7 +381,11 @@ fn check_unchanged(
     let next = AtomicUsize::new(0);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
-        for _ in 0..4 {
+        for _ in 0..std::env::var("CW")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4)
+        {
             s.spawn(|| {
                 let (mut ours, mut theirs) =
                     (vec![0u8; cell_size as usize], vec![0u8; cell_size as usize]);
@@ -411,7 +416,10 @@ fn check_unchanged(
         return Err(e);
     }
     let sampled: usize = sample.iter().map(|(_, b)| b.len()).sum();
-    log::debug!("check-unchanged: {sampled} blocks match the parent");
+    log::debug!(
+        "check-unchanged: {sampled} blocks match the parent ({:.3} s)",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -204,11 +204,7 @@ impl ChunkStore {
         let stored = WRITE_BUF.with(|cell| -> Result<usize> {
             let mut buf = cell.borrow_mut();
             let need = (HEADER_LEN + data.len()).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-            if buf.len() < need + DIRECT_ALIGN {
-                buf.resize(need + DIRECT_ALIGN, 0);
-            }
-            let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-            let out = &mut buf[start..start + need];
+            let out = aligned(&mut buf, need);
             let len = encode_into(data, self.level, out)?;
             write_file(&tmp, out, len).ctx(|| format!("write {}", tmp.display()))?;
             Ok(len)
@@ -272,7 +268,18 @@ impl ChunkStore {
 
 /// O_DIRECT wants buffers, offsets and lengths aligned to the logical block
 /// size; 4096 covers every common device.
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
+
+/// The first `len` bytes of `buf` from its first `DIRECT_ALIGN`ed address,
+/// growing `buf` as needed. Grown, never cleared: zero-filling a chunk-sized
+/// buffer per use would cost more than the I/O's CPU time.
+pub(crate) fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len + DIRECT_ALIGN {
+        buf.resize(len + DIRECT_ALIGN, 0);
+    }
+    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    &mut buf[start..start + len]
+}
 
 /// Read a whole chunk file into `buf` (reused across calls) and return where
 /// its bytes are in `buf`.
@@ -299,12 +306,7 @@ fn read_file(path: &Path, buf: &mut Vec<u8>) -> std::io::Result<std::ops::Range<
     };
     let size = file.metadata()?.len() as usize;
     let rounded = size.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-    // Grown, never cleared: zero-filling a chunk-sized buffer per read
-    // would cost more than the read's CPU time.
-    if buf.len() < rounded + DIRECT_ALIGN {
-        buf.resize(rounded + DIRECT_ALIGN, 0);
-    }
-    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    let start = aligned(buf, rounded).as_ptr() as usize - buf.as_ptr() as usize;
     let mut got = 0;
     while got < size {
         match file.read(&mut buf[start + got..start + rounded]) {
@@ -317,15 +319,16 @@ fn read_file(path: &Path, buf: &mut Vec<u8>) -> std::io::Result<std::ops::Range<
     Ok(start..start + got.min(size))
 }
 
-/// Create `path` holding `body[..len]`; `body` is aligned for O_DIRECT and
-/// `len` rounded up to `DIRECT_ALIGN` fits in it.
+/// Create `path` holding `body[..len]`; `body` is aligned for O_DIRECT.
 ///
-/// Written with O_DIRECT where the file system allows it, for the same
-/// reason chunk files are read that way: a backup writes far more than
-/// anyone rereads soon, and each page-cache page is an allocation. The block
-/// is padded with zeroes and the file cut to its length afterwards. The
-/// commit's syncfs still makes the files and their names durable.
-fn write_file(path: &Path, body: &mut [u8], len: usize) -> std::io::Result<()> {
+/// The whole blocks are written with O_DIRECT where the file system allows
+/// it, for the same reason chunk files are read that way: a backup writes
+/// far more than anyone rereads soon, and each page-cache page is an
+/// allocation. The last partial block goes through the page cache: padding
+/// it and cutting the file to length would make ext4 read the block back
+/// to zero its tail. The commit's syncfs makes the files and names durable.
+fn write_file(path: &Path, body: &[u8], len: usize) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
     let open = |flags| {
         fs::OpenOptions::new()
             .write(true)
@@ -335,17 +338,37 @@ fn write_file(path: &Path, body: &mut [u8], len: usize) -> std::io::Result<()> {
             .custom_flags(flags)
             .open(path)
     };
-    let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-    if let Ok(mut f) = open(libc::O_DIRECT) {
-        body[len..padded].fill(0);
-        match f.write_all(&body[..padded]) {
-            Ok(()) => return f.set_len(len as u64),
-            // Alignment the device refuses: write through the page cache.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => return Err(e),
+    let whole = len / DIRECT_ALIGN * DIRECT_ALIGN;
+    if whole > 0 {
+        if let Ok(f) = open(libc::O_DIRECT) {
+            match f.write_all_at(&body[..whole], 0) {
+                Ok(()) if whole == len => return Ok(()),
+                Ok(()) => {
+                    clear_direct(&f)?;
+                    return f.write_all_at(&body[whole..len], whole as u64);
+                }
+                // Alignment the device refuses: write through the page cache.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     open(0)?.write_all(&body[..len])
+}
+
+/// Switch `f` to buffered I/O.
+fn clear_direct(f: &fs::File) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: fcntl flag calls on a descriptor we own.
+    let ok = unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_DIRECT) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Where gc puts a chunk while it decides whether to delete it.

@@ -224,6 +224,7 @@ fn main() -> ExitCode {
     env_logger::Builder::new()
         .filter_level(level)
         .format_target(false)
+        .format_timestamp_millis()
         .init();
     strata::progress::set_enabled(!cli.quiet);
     // Repository files are for the owner only (invariant 7).

@@ -195,6 +195,7 @@ impl Repository {
     /// manifest is written durably, and only then the catalog row appears.
     pub fn commit(&self, new: NewSnapshot) -> Result<SnapshotInfo> {
         self.sync()?;
+        log::debug!("synced");
         let image = match &new.parent {
             None => new.own.clone(),
             Some(pid) => {
@@ -205,6 +206,7 @@ impl Repository {
                 parent.1.overlay(&new.own)
             }
         };
+        log::debug!("image map resolved");
         let manifests = self.manifests_dir();
         let mut cat = self.catalog();
         cat.write(|w| {
@@ -229,6 +231,7 @@ impl Repository {
                 &info.disk,
                 &info.id,
             )?;
+            log::debug!("manifest written");
             crate::testhook::pause("commit:manifest-written");
             w.insert(&SnapshotRecord {
                 info: info.clone(),
