@@ -268,12 +268,12 @@ impl ChunkStore {
 
 /// O_DIRECT wants buffers, offsets and lengths aligned to the logical block
 /// size; 4096 covers every common device.
-pub(crate) const DIRECT_ALIGN: usize = 4096;
+const DIRECT_ALIGN: usize = 4096;
 
 /// The first `len` bytes of `buf` from its first `DIRECT_ALIGN`ed address,
 /// growing `buf` as needed. Grown, never cleared: zero-filling a chunk-sized
 /// buffer per use would cost more than the I/O's CPU time.
-pub(crate) fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
     if buf.len() < len + DIRECT_ALIGN {
         buf.resize(len + DIRECT_ALIGN, 0);
     }
