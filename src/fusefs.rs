@@ -32,9 +32,9 @@ const FILE_TTL: Duration = Duration::from_secs(3600);
 /// Directories and `latest.raw` change as backups land.
 const DIR_TTL: Duration = Duration::from_secs(1);
 /// How far ahead of a sequential reader chunks are decoded.
-const READ_AHEAD: u64 = 16 << 20;
+const READ_AHEAD: u64 = 32 << 20;
 const CACHE_BYTES: usize = 96 << 20;
-const READ_AHEAD_THREADS: usize = 8;
+const READ_AHEAD_THREADS: usize = 16;
 
 /// One snapshot as the mount shows it; shared by its `.raw` and `.json`.
 struct SnapFile {
