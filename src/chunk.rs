@@ -204,7 +204,8 @@ impl ChunkStore {
         let stored = WRITE_BUF.with(|cell| -> Result<usize> {
             let mut buf = cell.borrow_mut();
             let need = (HEADER_LEN + data.len()).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-            let out = aligned(&mut buf, need);
+            let start = aligned_start(&mut buf, need);
+            let out = &mut buf[start..start + need];
             let len = encode_into(data, self.level, out)?;
             write_file(&tmp, out, len).ctx(|| format!("write {}", tmp.display()))?;
             Ok(len)
@@ -270,15 +271,14 @@ impl ChunkStore {
 /// size; 4096 covers every common device.
 const DIRECT_ALIGN: usize = 4096;
 
-/// The first `len` bytes of `buf` from its first `DIRECT_ALIGN`ed address,
-/// growing `buf` as needed. Grown, never cleared: zero-filling a chunk-sized
-/// buffer per use would cost more than the I/O's CPU time.
-fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+/// Where in `buf` a `DIRECT_ALIGN`ed run of `len` bytes starts, growing
+/// `buf` as needed. Grown, never cleared: zero-filling a chunk-sized buffer
+/// per use would cost more than the I/O's CPU time.
+fn aligned_start(buf: &mut Vec<u8>, len: usize) -> usize {
     if buf.len() < len + DIRECT_ALIGN {
         buf.resize(len + DIRECT_ALIGN, 0);
     }
-    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    &mut buf[start..start + len]
+    buf.as_ptr().align_offset(DIRECT_ALIGN)
 }
 
 /// Read a whole chunk file into `buf` (reused across calls) and return where
@@ -306,7 +306,7 @@ fn read_file(path: &Path, buf: &mut Vec<u8>) -> std::io::Result<std::ops::Range<
     };
     let size = file.metadata()?.len() as usize;
     let rounded = size.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-    let start = aligned(buf, rounded).as_ptr() as usize - buf.as_ptr() as usize;
+    let start = aligned_start(buf, rounded);
     let mut got = 0;
     while got < size {
         match file.read(&mut buf[start + got..start + rounded]) {

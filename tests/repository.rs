@@ -269,8 +269,6 @@ fn bad_input_changes_nothing() {
     assert_eq!(env.run(&["backup"]).status.code(), Some(2));
 }
 
-/// kill -9 at each step of a backup: earlier snapshots stay exact, nothing
-/// half-made is listed, and the next backup works.
 /// A change list that leaves out a changed range is caught by sampling
 /// (here every unlisted block), names the range, and stores nothing.
 #[test]
@@ -304,6 +302,8 @@ fn lying_change_list_is_caught() {
     env.backup(&[&args[1..], &["--check-unchanged", "0"]].concat());
 }
 
+/// kill -9 at each step of a backup: earlier snapshots stay exact, nothing
+/// half-made is listed, and the next backup works.
 #[test]
 fn killed_backup_leaves_repository_intact() {
     let env = Env::new();
