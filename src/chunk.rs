@@ -1,15 +1,20 @@
 //! The content-addressed chunk store: `chunks/<2 hex>/<64 hex>`.
 //!
-//! A chunk file is a 4-byte header (`SC`, version, encoding) followed by the
-//! payload, zstd-compressed unless that would be larger. Files are written to
-//! a temporary name and renamed, so a chunk file under its final name is
-//! always complete; durability comes from one `syncfs` before a snapshot is
-//! committed rather than one `fsync` per chunk.
+//! A chunk file is an 8-byte header (`SC`, version 2, encoding, payload
+//! length as u32 LE), the payload, zstd-compressed unless that would be
+//! larger, and zeroes up to a multiple of 4096 bytes. The padding costs no
+//! space (file systems allocate whole blocks) and lets the whole file be
+//! written with O_DIRECT. Version 1 files (a 4-byte header, no length, no
+//! padding) are still read.
+//!
+//! A file is written unnamed (O_TMPFILE) and linked under its name once
+//! complete, so a chunk file under its final name is always whole;
+//! durability comes from one `syncfs` before a snapshot is committed rather
+//! than one `fsync` per chunk.
 
 use std::cell::RefCell;
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -19,10 +24,12 @@ use crate::error::{Error, IoContext, Result};
 pub const MAX_CHUNK_SIZE: usize = 4 << 20;
 
 const MAGIC: [u8; 2] = *b"SC";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+const VERSION_1: u8 = 1;
 const ENC_RAW: u8 = 0;
 const ENC_ZSTD: u8 = 1;
-const HEADER_LEN: usize = 4;
+const HEADER_LEN: usize = 8;
+const HEADER_LEN_1: usize = 4;
 
 /// The blake3 hash of a chunk's raw data, which is also its name.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -102,8 +109,14 @@ fn decompress(payload: &[u8], into: &mut Vec<u8>) -> std::io::Result<()> {
     })
 }
 
-/// Encode raw data as a chunk file body into `out`, which must hold
-/// `HEADER_LEN + data.len()` bytes; returns the body's length.
+/// Length of the file holding a chunk body of `len` bytes.
+fn padded(len: usize) -> usize {
+    len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
+}
+
+/// Encode raw data as a chunk file into `out`, which must hold
+/// `padded(HEADER_LEN + data.len())` bytes; returns the body's length
+/// (header and payload). The file is `out[..padded(body)]`.
 fn encode_into(data: &[u8], level: i32, out: &mut [u8]) -> Result<usize> {
     out[..2].copy_from_slice(&MAGIC);
     out[2] = VERSION;
@@ -120,7 +133,37 @@ fn encode_into(data: &[u8], level: i32, out: &mut [u8]) -> Result<usize> {
             data.len()
         }
     };
+    let payload_len = u32::try_from(len).expect("chunks are at most MAX_CHUNK_SIZE");
+    out[4..HEADER_LEN].copy_from_slice(&payload_len.to_le_bytes());
+    out[HEADER_LEN + len..padded(HEADER_LEN + len)].fill(0);
     Ok(HEADER_LEN + len)
+}
+
+/// The encoding byte and payload of a chunk file, or what is wrong with it.
+fn parse(file: &[u8]) -> std::result::Result<(u8, &[u8]), &'static str> {
+    if file.len() < HEADER_LEN_1 || file[..2] != MAGIC {
+        return Err("bad header (truncated or not a chunk)");
+    }
+    match file[2] {
+        VERSION_1 => Ok((file[3], &file[HEADER_LEN_1..])),
+        VERSION if file.len() >= HEADER_LEN => {
+            let len = u32::from_le_bytes(file[4..HEADER_LEN].try_into().expect("4 bytes")) as usize;
+            let end = HEADER_LEN
+                .checked_add(len)
+                .filter(|&end| end <= file.len())
+                .ok_or("truncated")?;
+            // Damage in the padding is damage too: verify must report it.
+            if !is_zero_bytes(&file[end..]) {
+                return Err("nonzero padding");
+            }
+            Ok((file[3], &file[HEADER_LEN..end]))
+        }
+        _ => Err("bad header (truncated or not a chunk)"),
+    }
+}
+
+fn is_zero_bytes(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
 }
 
 /// Decode a chunk file body into `into` and check it against `id`.
@@ -129,11 +172,8 @@ pub fn decode(id: &ChunkId, file: &[u8], into: &mut Vec<u8>) -> Result<()> {
         hash: id.to_hex(),
         message: message.to_string(),
     };
-    if file.len() < HEADER_LEN || file[..2] != MAGIC || file[2] != VERSION {
-        return Err(bad("bad header (truncated or not a chunk)"));
-    }
-    let payload = &file[HEADER_LEN..];
-    match file[3] {
+    let (encoding, payload) = parse(file).map_err(bad)?;
+    match encoding {
         ENC_RAW => {
             into.clear();
             into.extend_from_slice(payload);
@@ -195,22 +235,15 @@ impl ChunkStore {
         if touch(&path) {
             return Ok(PutOutcome { id, stored: 0 });
         }
-        // Unique per writer: two threads may store the same chunk at once.
-        let tmp = path.with_extension(format!(
-            "tmp.{}.{}",
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
         let stored = WRITE_BUF.with(|cell| -> Result<usize> {
             let mut buf = cell.borrow_mut();
-            let need = (HEADER_LEN + data.len()).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+            let need = padded(HEADER_LEN + data.len());
             let start = aligned_start(&mut buf, need);
             let out = &mut buf[start..start + need];
             let len = encode_into(data, self.level, out)?;
-            write_file(&tmp, out, len).ctx(|| format!("write {}", tmp.display()))?;
+            create_file(&path, &out[..padded(len)]).ctx(|| format!("write {}", path.display()))?;
             Ok(len)
         })?;
-        fs::rename(&tmp, &path).ctx(|| format!("rename {}", tmp.display()))?;
         Ok(PutOutcome {
             id,
             stored: stored as u64,
@@ -319,41 +352,96 @@ fn read_file(path: &Path, buf: &mut Vec<u8>) -> std::io::Result<std::ops::Range<
     Ok(start..start + got.min(size))
 }
 
-/// Create `path` holding `body[..len]`; `body` is aligned for O_DIRECT.
+/// Create `path` holding `body` (aligned for O_DIRECT, whole blocks) such
+/// that the name never shows a partial file: the data goes to an unnamed
+/// file (O_TMPFILE) that is linked under `path` once complete. If `path`
+/// appeared meanwhile, another writer stored the same chunk: that is
+/// success. Where the file system lacks O_TMPFILE, a temporary name is
+/// renamed instead.
 ///
-/// The whole blocks are written with O_DIRECT where the file system allows
-/// it, for the same reason chunk files are read that way: a backup writes
-/// far more than anyone rereads soon, and each page-cache page is an
-/// allocation. The last partial block goes through the page cache: padding
-/// it and cutting the file to length would make ext4 read the block back
-/// to zero its tail. The commit's syncfs makes the files and names durable.
-fn write_file(path: &Path, body: &[u8], len: usize) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
+/// The file is written with O_DIRECT where the file system allows it, for
+/// the reason chunk files are read that way: a backup writes far more than
+/// anyone rereads soon, and each page-cache page is an allocation. The
+/// commit's syncfs makes the files and names durable.
+fn create_file(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let unnamed = |flags| {
+        fs::OpenOptions::new()
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE | flags)
+            .open(dir)
+    };
+    let file = match unnamed(libc::O_DIRECT).or_else(|_| unnamed(0)) {
+        Ok(f) => f,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
+            return create_renamed(path, body)
+        }
+        Err(e) => return Err(e),
+    };
+    write_body(&file, body)?;
+    link(&file, path)
+}
+
+/// `create_file` for file systems without O_TMPFILE: a unique temporary
+/// name (gc removes ones a crash left), renamed over `path`.
+fn create_renamed(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!(
+        "tmp.{}.{}",
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let open = |flags| {
         fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .custom_flags(flags)
-            .open(path)
+            .open(&tmp)
     };
-    let whole = len / DIRECT_ALIGN * DIRECT_ALIGN;
-    if whole > 0 {
-        if let Ok(f) = open(libc::O_DIRECT) {
-            match f.write_all_at(&body[..whole], 0) {
-                Ok(()) if whole == len => return Ok(()),
-                Ok(()) => {
-                    clear_direct(&f)?;
-                    return f.write_all_at(&body[whole..len], whole as u64);
-                }
-                // Alignment the device refuses: write through the page cache.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => return Err(e),
-            }
+    let file = match open(libc::O_DIRECT) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0)?,
+        other => other?,
+    };
+    write_body(&file, body)?;
+    fs::rename(&tmp, path)
+}
+
+fn write_body(file: &fs::File, body: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    match file.write_all_at(body, 0) {
+        // Alignment the device refuses: write through the page cache.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            clear_direct(file)?;
+            file.write_all_at(body, 0)
         }
+        other => other,
     }
-    open(0)?.write_all(&body[..len])
+}
+
+/// Give the unnamed file `file` the name `path`.
+fn link(file: &fs::File, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::AsRawFd;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let to = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: two valid C strings; linkat does not keep them.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            e => Err(e),
+        },
+    }
 }
 
 /// Switch `f` to buffered I/O.
@@ -410,10 +498,32 @@ mod tests {
             assert_eq!(store.put(data).unwrap().stored, 0, "second put dedups");
             assert_eq!(store.get(&put.id).unwrap(), data);
         }
-        // Random data is stored raw, text compressed.
+        // Random data is stored raw, text compressed; files are whole blocks.
         let raw = store.stored_size(&ChunkId::of(&random)).unwrap();
-        assert_eq!(raw, random.len() as u64 + HEADER_LEN as u64);
+        assert_eq!(raw, padded(random.len() + HEADER_LEN) as u64);
+        assert_eq!(
+            fs::read(store.path(&ChunkId::of(&random))).unwrap()[3],
+            ENC_RAW
+        );
         assert!(store.stored_size(&ChunkId::of(&text)).unwrap() < 10_000);
+        // Nothing but the chunks themselves: no temporaries left behind.
+        assert_eq!(store.list_files().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn version_1_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        ChunkStore::create_layout(dir.path()).unwrap();
+        let store = ChunkStore::new(dir.path().to_path_buf(), 1);
+        let data = b"written by strata 0.1".repeat(300);
+        let id = ChunkId::of(&data);
+        let compressed = zstd::bulk::compress(&data, 1).unwrap();
+        fs::write(store.path(&id), [&b"SC\x01\x01"[..], &compressed].concat()).unwrap();
+        assert_eq!(store.get(&id).unwrap(), data);
+        let raw = b"raw".repeat(5);
+        let raw_id = ChunkId::of(&raw);
+        fs::write(store.path(&raw_id), [&b"SC\x01\x00"[..], &raw].concat()).unwrap();
+        assert_eq!(store.get(&raw_id).unwrap(), raw);
     }
 
     #[test]
@@ -439,11 +549,26 @@ mod tests {
         let store = ChunkStore::new(dir.path().to_path_buf(), 1);
         let id = store.put(&b"abc".repeat(1000)).unwrap().id;
         let path = store.path(&id);
-        let mut body = fs::read(&path).unwrap();
+        let good = fs::read(&path).unwrap();
+        // A flipped bit in the payload, in the padding, or a length that
+        // points past the end.
+        let mut body = good.clone();
+        body[HEADER_LEN + 2] ^= 1;
+        fs::write(&path, &body).unwrap();
+        assert!(store.get(&id).is_err());
+        let mut body = good.clone();
         let last = body.len() - 1;
         body[last] ^= 1;
         fs::write(&path, &body).unwrap();
-        assert!(store.get(&id).is_err());
+        assert!(store.get(&id).unwrap_err().to_string().contains("padding"));
+        let mut body = good.clone();
+        body[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        fs::write(&path, &body).unwrap();
+        assert!(store
+            .get(&id)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
         fs::write(&path, &body[..3]).unwrap();
         assert!(store.get(&id).unwrap_err().to_string().contains("header"));
         fs::remove_file(&path).unwrap();
