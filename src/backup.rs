@@ -13,10 +13,11 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 
 use crate::changes::ChangeList;
+use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
-use crate::extent::{ByteRange, ExtentKind};
+use crate::extent::{merge_touching, ByteRange, ExtentKind};
 use crate::image::{self, ChunkCache};
-use crate::image_map::{ImageMap, Segment};
+use crate::image_map::{ImageMap, Piece, Segment};
 use crate::lock::{Activity, Registration};
 use crate::name::{DiskName, Selector, SnapshotRef};
 use crate::repo::{NewSnapshot, Repository};
@@ -346,7 +347,7 @@ fn check_unchanged(
     let started = std::time::Instant::now();
     let common = parent.size.min(source.size());
     let map = repo.image_map(parent)?;
-    let cache = ChunkCache::new(8 << 20);
+    let cache = ChunkCache::new(CHECK_THREADS * crate::chunk::MAX_CHUNK_SIZE);
     let mut rng = SplitMix(
         Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64 ^ u64::from(std::process::id()),
     );
@@ -379,6 +380,7 @@ fn check_unchanged(
     }
     // Cells are independent: several in flight hide disk and network waits.
     let next = AtomicUsize::new(0);
+    let decoded = AtomicUsize::new(0);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..CHECK_THREADS {
@@ -397,12 +399,17 @@ fn check_unchanged(
                         &mut ours,
                         &mut theirs,
                     );
-                    if let Err(e) = checked {
-                        first_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
-                        next.store(sample.len(), Ordering::Relaxed);
+                    match checked {
+                        Ok(n) => {
+                            decoded.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                            next.store(sample.len(), Ordering::Relaxed);
+                        }
                     }
                 }
             });
@@ -413,13 +420,16 @@ fn check_unchanged(
     }
     let sampled: usize = sample.iter().map(|(_, b)| b.len()).sum();
     log::debug!(
-        "check-unchanged: {sampled} blocks match the parent ({:.3} s)",
+        "check-unchanged: {sampled} blocks match the parent, {} of them compared by \
+         decoding it ({:.3} s)",
+        decoded.into_inner(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
 }
 
-/// Compare `blocks` of one cell of `source` with the parent's image.
+/// Compare `blocks` of one cell of `source` with the parent's image; returns
+/// how many needed the parent's chunks decoded.
 #[allow(clippy::too_many_arguments)]
 fn compare_cell(
     repo: &Repository,
@@ -431,7 +441,7 @@ fn compare_cell(
     blocks: &[ByteRange],
     ours: &mut [u8],
     theirs: &mut [u8],
-) -> Result<()> {
+) -> Result<usize> {
     let at = |b: &ByteRange| (b.offset - cell.offset) as usize..(b.end() - cell.offset) as usize;
     let mut reads = Vec::with_capacity(blocks.len());
     let mut rest = &mut ours[..cell.length as usize];
@@ -444,15 +454,22 @@ fn compare_cell(
         pos = b.end();
     }
     source.read_many(&mut reads)?;
-    image::read_at(
-        map,
-        repo.chunks(),
-        cache,
-        &mut theirs[..cell.length as usize],
-        cell.offset,
-    )?;
-    match blocks.iter().find(|b| ours[at(b)] != theirs[at(b)]) {
-        None => Ok(()),
+    let proven = proven_cheaply(map, cell, &merge_touching(blocks.iter().copied()), ours);
+    let mut proven = proven.iter().peekable();
+    let mut rest = Vec::new();
+    for b in blocks {
+        while proven.peek().is_some_and(|p| p.end() <= b.offset) {
+            proven.next();
+        }
+        if !proven.peek().is_some_and(|p| p.contains(b)) {
+            rest.push(*b);
+        }
+    }
+    for b in &rest {
+        image::read_at(map, repo.chunks(), cache, &mut theirs[at(b)], b.offset)?;
+    }
+    match rest.iter().find(|b| ours[at(b)] != theirs[at(b)]) {
+        None => Ok(rest.len()),
         Some(b) => Err(Error::invalid(format!(
             "the change list calls range {}+{} unchanged since {}, but it differs from it: \
              the bitmap is wrong or stale; take a full backup (or use --fallback-full)",
@@ -461,6 +478,49 @@ fn compare_cell(
             parent.reference()
         ))),
     }
+}
+
+/// The parts of `read` (ranges of `cell` whose source bytes are in `ours`)
+/// that equal the parent without decoding a chunk: zeroes where the parent
+/// has no data, and whole chunks (pieces from their first byte that `read`
+/// covers) whose hash the source's bytes have. A hash that differs proves
+/// nothing (the piece may be part of a longer chunk): those blocks are
+/// compared byte by byte.
+fn proven_cheaply(
+    map: &ImageMap,
+    cell: ByteRange,
+    read: &[ByteRange],
+    ours: &[u8],
+) -> Vec<ByteRange> {
+    let bytes =
+        |r: &ByteRange| &ours[(r.offset - cell.offset) as usize..(r.end() - cell.offset) as usize];
+    let mut proven = Vec::new();
+    let zero_part = |r: ByteRange, proven: &mut Vec<ByteRange>| {
+        if !r.is_empty() && is_zero(bytes(&r)) {
+            proven.push(r);
+        }
+    };
+    for run in read {
+        let mut pos = run.offset;
+        for seg in &map.segments[map.first_after(run.offset)..] {
+            if seg.range.offset >= run.end() {
+                break;
+            }
+            let Piece::Data { chunk, skip } = seg.piece else {
+                continue;
+            };
+            zero_part(
+                ByteRange::from_bounds(pos, seg.range.offset.max(pos)),
+                &mut proven,
+            );
+            if skip == 0 && run.contains(&seg.range) && ChunkId::of(bytes(&seg.range)) == chunk {
+                proven.push(seg.range);
+            }
+            pos = pos.max(seg.range.end().min(run.end()));
+        }
+        zero_part(ByteRange::from_bounds(pos, run.end()), &mut proven);
+    }
+    merge_touching(proven)
 }
 
 /// Cells compared at once by `--check-unchanged`: parent chunks are read
@@ -497,5 +557,42 @@ mod tests {
         v[999] = 1;
         assert!(!is_zero(&v));
         assert!(is_zero(&v[..999]));
+    }
+
+    #[test]
+    fn proven_without_decoding() {
+        let k = 1024u64;
+        let cell = ByteRange::new(0, 16 * k);
+        let mut ours = vec![0u8; cell.length as usize];
+        ours[4096..8192].fill(1);
+        ours[8192..12288].fill(2);
+        let whole = ChunkId::of(&ours[4096..8192]);
+        // A chunk longer than its piece: the piece's bytes do not hash to it.
+        let longer = ChunkId::of(&[&ours[8192..12288], &[9u8; 100][..]].concat());
+        let map = ImageMap::new(
+            cell.length,
+            vec![
+                Segment::data(ByteRange::new(4096, 4096), whole, 0),
+                Segment::data(ByteRange::new(8192, 4096), longer, 0),
+            ],
+        );
+        let all = [cell];
+        assert_eq!(
+            proven_cheaply(&map, cell, &all, &ours),
+            vec![ByteRange::new(0, 8192), ByteRange::new(12288, 4096)]
+        );
+        // Only what was read counts; a chunk read in part proves nothing.
+        let read = [ByteRange::new(2048, 4096)];
+        assert_eq!(
+            proven_cheaply(&map, cell, &read, &ours),
+            vec![ByteRange::new(2048, 2048)]
+        );
+        // Source bytes that differ: a nonzero hole, a changed chunk.
+        ours[100] = 7;
+        ours[5000] = 7;
+        assert_eq!(
+            proven_cheaply(&map, cell, &all, &ours),
+            vec![ByteRange::new(12288, 4096)]
+        );
     }
 }

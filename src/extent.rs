@@ -30,6 +30,10 @@ impl ByteRange {
         self.length == 0
     }
 
+    pub fn contains(&self, other: &ByteRange) -> bool {
+        self.offset <= other.offset && other.end() <= self.end()
+    }
+
     pub fn intersect(&self, other: &ByteRange) -> Option<ByteRange> {
         let start = self.offset.max(other.offset);
         let end = self.end().min(other.end());
@@ -51,6 +55,18 @@ impl ByteRange {
             Some(piece)
         })
     }
+}
+
+/// Sorted, disjoint ranges with touching ones joined.
+pub fn merge_touching(ranges: impl IntoIterator<Item = ByteRange>) -> Vec<ByteRange> {
+    let mut out: Vec<ByteRange> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if last.end() == r.offset => last.length += r.length,
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 impl std::fmt::Display for ByteRange {

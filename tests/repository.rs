@@ -270,36 +270,44 @@ fn bad_input_changes_nothing() {
 }
 
 /// A change list that leaves out a changed range is caught by sampling
-/// (here every unlisted block), names the range, and stores nothing.
+/// (here every unlisted block), names the range, and stores nothing: in a
+/// chunk shared with a listed block (compared byte by byte), in a whole
+/// chunk (compared by hash) and in a hole of the parent (compared with zero).
 #[test]
 fn lying_change_list_is_caught() {
-    let env = Env::new();
-    let disk = Qcow::create(env.path("d.qcow2"), 4 * MIB);
-    disk.io(&["write -P 0x77 0 3M"]);
-    let src = disk.truth(&env.path("src.raw"));
-    env.backup(&["--disk", "d", src.to_str().unwrap()]);
-    // Two changes; the list names only the first.
-    disk.io(&["write -P 0x01 0 64k", "write -P 0x02 2M 4k"]);
-    let src = disk.truth(&env.path("src2.raw"));
-    let changes = env.path("lie.json");
-    std::fs::write(&changes, r#"{"extents": [{"offset": 0, "length": 65536}]}"#).unwrap();
-    let before = (env.repo_state(), env.snapshots());
-    let args = [
-        "backup",
-        "--disk",
-        "d",
-        src.to_str().unwrap(),
-        "--changes",
-        changes.to_str().unwrap(),
-    ];
-    let err = env.fails(&[&args[..], &["--check-unchanged", "100"]].concat());
-    assert!(
-        err.contains(&format!("range {}+65536", 2 * MIB)) && err.contains("bitmap is wrong"),
-        "{err}"
-    );
-    assert_eq!(before, (env.repo_state(), env.snapshots()));
-    // With sampling off, the same list is taken at its word.
-    env.backup(&[&args[1..], &["--check-unchanged", "0"]].concat());
+    for (lie, at) in [
+        ("write -P 0x02 2M 4k", 2 * MIB),
+        ("write -P 0x03 4M 4k", 4 * MIB),
+        ("write -P 0x04 6M 4k", 6 * MIB),
+    ] {
+        let env = Env::new();
+        let disk = Qcow::create(env.path("d.qcow2"), 8 * MIB);
+        disk.io(&["write -P 0x77 0 3M", "write -P 0x78 4M 1M"]);
+        let src = disk.truth(&env.path("src.raw"));
+        env.backup(&["--disk", "d", src.to_str().unwrap()]);
+        // Two changes; the list names only the first.
+        disk.io(&["write -P 0x01 0 64k", lie]);
+        let src = disk.truth(&env.path("src2.raw"));
+        let changes = env.path("lie.json");
+        std::fs::write(&changes, r#"{"extents": [{"offset": 0, "length": 65536}]}"#).unwrap();
+        let before = (env.repo_state(), env.snapshots());
+        let args = [
+            "backup",
+            "--disk",
+            "d",
+            src.to_str().unwrap(),
+            "--changes",
+            changes.to_str().unwrap(),
+        ];
+        let err = env.fails(&[&args[..], &["--check-unchanged", "100"]].concat());
+        assert!(
+            err.contains(&format!("range {at}+65536")) && err.contains("bitmap is wrong"),
+            "{lie}: {err}"
+        );
+        assert_eq!(before, (env.repo_state(), env.snapshots()));
+        // With sampling off, the same list is taken at its word.
+        env.backup(&[&args[1..], &["--check-unchanged", "0"]].concat());
+    }
 }
 
 /// kill -9 at each step of a backup: earlier snapshots stay exact, nothing
