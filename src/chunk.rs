@@ -13,10 +13,14 @@
 //! than one `fsync` per chunk.
 
 use std::cell::RefCell;
+use std::ffi::{CStr, CString};
 use std::fmt;
 use std::fs;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -63,7 +67,7 @@ impl fmt::Debug for ChunkId {
     }
 }
 
-static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     // zstd contexts are costly to set up; each worker thread keeps its own.
@@ -194,6 +198,10 @@ pub fn decode(id: &ChunkId, file: &[u8], into: &mut Vec<u8>) -> Result<()> {
 pub struct ChunkStore {
     dir: PathBuf,
     level: i32,
+    /// The 256 subdirectories, each opened on first use: chunks are
+    /// touched, created and linked relative to them, which spares a walk
+    /// down the whole path per system call.
+    subdirs: Arc<Vec<OnceLock<fs::File>>>,
 }
 
 /// The result of storing a chunk.
@@ -206,7 +214,26 @@ pub struct PutOutcome {
 
 impl ChunkStore {
     pub fn new(dir: PathBuf, level: i32) -> Self {
-        ChunkStore { dir, level }
+        ChunkStore {
+            dir,
+            level,
+            subdirs: Arc::new((0..=255).map(|_| OnceLock::new()).collect()),
+        }
+    }
+
+    /// The open subdirectory holding chunks whose hash starts with `byte`.
+    fn subdir(&self, byte: u8) -> Result<&fs::File> {
+        let slot = &self.subdirs[byte as usize];
+        if let Some(dir) = slot.get() {
+            return Ok(dir);
+        }
+        let path = self.dir.join(format!("{byte:02x}"));
+        let dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&path)
+            .ctx(|| format!("open {}", path.display()))?;
+        Ok(slot.get_or_init(|| dir))
     }
 
     pub fn create_layout(dir: &Path) -> Result<()> {
@@ -229,10 +256,11 @@ impl ChunkStore {
     /// Store `data` unless a chunk with its hash exists already.
     pub fn put(&self, data: &[u8]) -> Result<PutOutcome> {
         let id = ChunkId::of(data);
-        let path = self.path(&id);
+        let dir = self.subdir(id.0[0])?;
+        let name = CString::new(id.to_hex()).expect("hex has no NUL");
         // An existing chunk is touched instead: gc keeps chunks newer than
         // the oldest running backup, and the touch fails if gc moved it away.
-        if touch(&path) {
+        if touch_at(dir, &name) {
             return Ok(PutOutcome { id, stored: 0 });
         }
         let stored = WRITE_BUF.with(|cell| -> Result<usize> {
@@ -241,7 +269,8 @@ impl ChunkStore {
             let start = aligned_start(&mut buf, need);
             let out = &mut buf[start..start + need];
             let len = encode_into(data, self.level, out)?;
-            create_file(&path, &out[..padded(len)]).ctx(|| format!("write {}", path.display()))?;
+            create_file(dir, &name, &out[..padded(len)])
+                .ctx(|| format!("write {}", self.path(&id).display()))?;
             Ok(len)
         })?;
         Ok(PutOutcome {
@@ -352,59 +381,89 @@ fn read_file(path: &Path, buf: &mut Vec<u8>) -> std::io::Result<std::ops::Range<
     Ok(start..start + got.min(size))
 }
 
-/// Create `path` holding `body` (aligned for O_DIRECT, whole blocks) such
-/// that the name never shows a partial file: the data goes to an unnamed
-/// file (O_TMPFILE) that is linked under `path` once complete. If `path`
-/// appeared meanwhile, another writer stored the same chunk: that is
-/// success. Where the file system lacks O_TMPFILE, a temporary name is
+/// Create `name` in `dir` holding `body` (aligned for O_DIRECT, whole
+/// blocks) such that the name never shows a partial file: the data goes to
+/// an unnamed file (O_TMPFILE) that is linked under `name` once complete.
+/// If `name` appeared meanwhile, another writer stored the same chunk: that
+/// is success. Where the file system lacks O_TMPFILE, a temporary name is
 /// renamed instead.
 ///
 /// The file is written with O_DIRECT where the file system allows it, for
 /// the reason chunk files are read that way: a backup writes far more than
 /// anyone rereads soon, and each page-cache page is an allocation. The
 /// commit's syncfs makes the files and names durable.
-fn create_file(path: &Path, body: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+fn create_file(dir: &fs::File, name: &CStr, body: &[u8]) -> std::io::Result<()> {
     let unnamed = |flags| {
-        fs::OpenOptions::new()
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_TMPFILE | flags)
-            .open(dir)
+        // SAFETY: openat with a valid C string; the descriptor is owned below.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                c".".as_ptr(),
+                libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC | flags,
+                0o600,
+            )
+        };
+        match fd {
+            -1 => Err(std::io::Error::last_os_error()),
+            // SAFETY: a fresh descriptor nobody else owns.
+            fd => Ok(unsafe { fs::File::from_raw_fd(fd) }),
+        }
     };
     let file = match unnamed(libc::O_DIRECT).or_else(|_| unnamed(0)) {
         Ok(f) => f,
         Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
-            return create_renamed(path, body)
+            return create_renamed(dir, name, body)
         }
         Err(e) => return Err(e),
     };
     write_body(&file, body)?;
-    link(&file, path)
+    link_at(&file, dir, name)
 }
 
 /// `create_file` for file systems without O_TMPFILE: a unique temporary
-/// name (gc removes ones a crash left), renamed over `path`.
-fn create_renamed(path: &Path, body: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!(
-        "tmp.{}.{}",
+/// name (gc removes ones a crash left), renamed over `name`.
+fn create_renamed(dir: &fs::File, name: &CStr, body: &[u8]) -> std::io::Result<()> {
+    let tmp = format!(
+        "{}.tmp.{}.{}",
+        name.to_string_lossy(),
         std::process::id(),
-        TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let tmp = CString::new(tmp).expect("no NUL");
     let open = |flags| {
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(flags)
-            .open(&tmp)
+        // SAFETY: openat with a valid C string; the descriptor is owned below.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                tmp.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC | flags,
+                0o600,
+            )
+        };
+        match fd {
+            -1 => Err(std::io::Error::last_os_error()),
+            // SAFETY: a fresh descriptor nobody else owns.
+            fd => Ok(unsafe { fs::File::from_raw_fd(fd) }),
+        }
     };
     let file = match open(libc::O_DIRECT) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0)?,
         other => other?,
     };
     write_body(&file, body)?;
-    fs::rename(&tmp, path)
+    // SAFETY: valid descriptors and C strings.
+    let rc = unsafe {
+        libc::renameat(
+            dir.as_raw_fd(),
+            tmp.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 fn write_body(file: &fs::File, body: &[u8]) -> std::io::Result<()> {
@@ -419,34 +478,53 @@ fn write_body(file: &fs::File, body: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Give the unnamed file `file` the name `path`.
-fn link(file: &fs::File, path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::io::AsRawFd;
-    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-    let to = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: two valid C strings; linkat does not keep them.
-    let rc = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    match rc {
+/// Set once linkat(AT_EMPTY_PATH) was refused (it needs
+/// CAP_DAC_READ_SEARCH); the /proc/self/fd path is used from then on.
+static EMPTY_PATH_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Give the unnamed file `file` the name `name` in `dir`; an existing name
+/// is success (another writer stored the same chunk).
+fn link_at(file: &fs::File, dir: &fs::File, name: &CStr) -> std::io::Result<()> {
+    let done = |rc: libc::c_int| match rc {
         0 => Ok(()),
         _ => match std::io::Error::last_os_error() {
             e if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
             e => Err(e),
         },
+    };
+    if !EMPTY_PATH_REFUSED.load(Ordering::Relaxed) {
+        // SAFETY: valid descriptors and C strings.
+        let rc = unsafe {
+            libc::linkat(
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        match done(rc) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) => {
+                EMPTY_PATH_REFUSED.store(true, Ordering::Relaxed);
+            }
+            other => return other,
+        }
     }
+    let proc = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    // SAFETY: valid descriptors and C strings.
+    done(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            proc.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
 }
 
 /// Switch `f` to buffered I/O.
 fn clear_direct(f: &fs::File) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
     // SAFETY: fcntl flag calls on a descriptor we own.
     let ok = unsafe {
         let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
@@ -464,14 +542,10 @@ pub fn trash_path(chunk: &Path) -> PathBuf {
     chunk.with_extension("trash")
 }
 
-/// Set the file's mtime to now; false if it does not exist.
-pub fn touch(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: utimensat with a valid path and NULL times (= now).
-    unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), 0) == 0 }
+/// Set the mtime of `name` in `dir` to now; false if it does not exist.
+fn touch_at(dir: &fs::File, name: &CStr) -> bool {
+    // SAFETY: utimensat with a valid descriptor, C string and NULL times (= now).
+    unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), std::ptr::null(), 0) == 0 }
 }
 
 #[cfg(test)]
@@ -508,6 +582,33 @@ mod tests {
         assert!(store.stored_size(&ChunkId::of(&text)).unwrap() < 10_000);
         // Nothing but the chunks themselves: no temporaries left behind.
         assert_eq!(store.list_files().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn fallbacks_write_whole_named_files() {
+        let dir = tempfile::tempdir().unwrap();
+        ChunkStore::create_layout(dir.path()).unwrap();
+        let store = ChunkStore::new(dir.path().to_path_buf(), 1);
+        // Linking through /proc/self/fd, as without CAP_DAC_READ_SEARCH.
+        EMPTY_PATH_REFUSED.store(true, Ordering::Relaxed);
+        let data = b"linked by path".repeat(500);
+        let id = store.put(&data).unwrap().id;
+        assert_eq!(store.get(&id).unwrap(), data);
+        // A temporary name renamed, as on a file system without O_TMPFILE.
+        let data = b"renamed".repeat(700);
+        let id = ChunkId::of(&data);
+        let mut body = vec![0u8; padded(HEADER_LEN + data.len()) + DIRECT_ALIGN];
+        let start = aligned_start(&mut body, padded(HEADER_LEN + data.len()));
+        let len = encode_into(&data, 1, &mut body[start..]).unwrap();
+        let name = CString::new(id.to_hex()).unwrap();
+        create_renamed(
+            store.subdir(id.0[0]).unwrap(),
+            &name,
+            &body[start..start + padded(len)],
+        )
+        .unwrap();
+        assert_eq!(store.get(&id).unwrap(), data);
+        assert_eq!(store.list_files().unwrap().len(), 2, "no temporaries left");
     }
 
     #[test]
