@@ -47,8 +47,9 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
         }
         zero_gaps(&file, &map)?;
     } else {
-        file.set_len(0)
-            .ctx(|| format!("truncate {}", target.display()))?;
+        if meta.len() > 0 {
+            clear(&file).ctx(|| format!("clear {}", target.display()))?;
+        }
         file.set_len(map.size)
             .ctx(|| format!("extend {}", target.display()))?;
     }
@@ -66,6 +67,32 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
             .ctx(|| format!("fsync {}", target.display()))?;
     }
     Ok(())
+}
+
+/// Drop the old contents of an existing regular file, so that the sparse
+/// output shows no stale bytes.
+///
+/// Not by truncating to zero where a hole can be punched: ext4 takes a
+/// truncate to size zero for the replace-via-truncate pattern and, when the
+/// file is closed, starts writeback of everything written since
+/// (`auto_da_alloc`). restore would then wait on the disk for the whole
+/// image as it exits, which cp and qemu-img convert into a new file do not.
+fn clear(file: &File) -> std::io::Result<()> {
+    let len = file.metadata()?.len();
+    // SAFETY: fallocate on a descriptor we own.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            len as i64,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        file.set_len(0)
+    }
 }
 
 /// On a device, write zeroes wherever the image has no data.

@@ -4,7 +4,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use common::{assert_same, qemu_chain_with, sh, Env, Paused, Qcow};
+use common::{allocated, assert_same, qemu_chain_with, sh, Env, Paused, Qcow};
 
 const MIB: u64 = 1 << 20;
 
@@ -368,4 +368,25 @@ fn dedup_across_disks_and_private_files() {
         );
     }
     assert_same(&t, &t);
+}
+
+/// Restoring over an existing file, larger or smaller than the image and
+/// full of other bytes, leaves exactly the image, as sparse as the truth.
+#[test]
+fn restore_replaces_an_existing_file() {
+    let env = Env::new();
+    let disk = Qcow::create(env.path("d.qcow2"), 8 * MIB);
+    disk.io(&["write -P 0x31 1M 1M", "write -P 0x32 6M 64k"]);
+    let truth = disk.truth(&env.path("t.raw"));
+    let snap = env.backup(&["--disk", "d", truth.to_str().unwrap()]);
+    let out = env.path("existing.raw");
+    for old_size in [12 * MIB, 3 * MIB] {
+        std::fs::write(&out, vec![0xEEu8; old_size as usize]).unwrap();
+        env.ok(&["restore", &snap, out.to_str().unwrap()]);
+        assert_same(&out, &truth);
+        assert!(
+            allocated(&out) <= allocated(&truth) + MIB,
+            "{old_size}: not sparse"
+        );
+    }
 }
