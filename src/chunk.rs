@@ -281,20 +281,24 @@ impl ChunkStore {
 
     /// Read and decode a chunk, checking its hash.
     pub fn get_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()> {
-        let path = self.path(id);
+        let hex = id.to_hex();
+        let bad = |e: std::io::Error| Error::BadChunk {
+            hash: hex.clone(),
+            message: format!("cannot read {}: {e}", self.path(id).display()),
+        };
+        let dir = self.subdir(id.0[0])?;
+        let name = CString::new(hex.as_str()).expect("hex has no NUL");
         FILE_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
-            let read = match read_file(&path, &mut buf) {
+            let read = match read_file(dir, &name, &mut buf) {
                 // gc may be checking it under its trash name at this moment.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    read_file(&trash_path(&path), &mut buf)
+                    let trash = CString::new(format!("{hex}.{TRASH}")).expect("no NUL");
+                    read_file(dir, &trash, &mut buf)
                 }
                 other => other,
             };
-            let body = read.map_err(|e| Error::BadChunk {
-                hash: id.to_hex(),
-                message: format!("cannot read {}: {e}", path.display()),
-            })?;
+            let body = read.map_err(bad)?;
             decode(id, &buf[body], into)
         })
     }
@@ -351,23 +355,23 @@ fn aligned_start(buf: &mut Vec<u8>, len: usize) -> usize {
 /// through the page cache every chunk would cost a page allocation per 4 KiB
 /// (expensive on a VM) and be cached twice: once compressed here, once as
 /// the decoded image the mount or the restored file keeps.
-fn read_file(path: &Path, buf: &mut Vec<u8>) -> std::io::Result<std::ops::Range<usize>> {
+fn read_file(
+    dir: &fs::File,
+    name: &CStr,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<std::ops::Range<usize>> {
     use std::io::Read;
-    let mut file = match fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
+    let mut file = match open_at(dir, name, libc::O_RDONLY | libc::O_DIRECT) {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             buf.clear();
-            fs::File::open(path)?.read_to_end(buf)?;
+            open_at(dir, name, libc::O_RDONLY)?.read_to_end(buf)?;
             return Ok(0..buf.len());
         }
         Err(e) => return Err(e),
     };
     let size = file.metadata()?.len() as usize;
-    let rounded = size.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    let rounded = padded(size);
     let start = aligned_start(buf, rounded);
     let mut got = 0;
     while got < size {
@@ -379,6 +383,24 @@ fn read_file(path: &Path, buf: &mut Vec<u8>) -> std::io::Result<std::ops::Range<
         }
     }
     Ok(start..start + got.min(size))
+}
+
+/// openat(2) relative to `dir`, close-on-exec, created files owner-only.
+fn open_at(dir: &fs::File, name: &CStr, flags: libc::c_int) -> std::io::Result<fs::File> {
+    // SAFETY: openat with a valid descriptor and C string.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            0o600,
+        )
+    };
+    match fd {
+        -1 => Err(std::io::Error::last_os_error()),
+        // SAFETY: a fresh descriptor nobody else owns.
+        fd => Ok(unsafe { fs::File::from_raw_fd(fd) }),
+    }
 }
 
 /// Create `name` in `dir` holding `body` (aligned for O_DIRECT, whole
@@ -393,22 +415,7 @@ fn read_file(path: &Path, buf: &mut Vec<u8>) -> std::io::Result<std::ops::Range<
 /// anyone rereads soon, and each page-cache page is an allocation. The
 /// commit's syncfs makes the files and names durable.
 fn create_file(dir: &fs::File, name: &CStr, body: &[u8]) -> std::io::Result<()> {
-    let unnamed = |flags| {
-        // SAFETY: openat with a valid C string; the descriptor is owned below.
-        let fd = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                c".".as_ptr(),
-                libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC | flags,
-                0o600,
-            )
-        };
-        match fd {
-            -1 => Err(std::io::Error::last_os_error()),
-            // SAFETY: a fresh descriptor nobody else owns.
-            fd => Ok(unsafe { fs::File::from_raw_fd(fd) }),
-        }
-    };
+    let unnamed = |flags| open_at(dir, c".", libc::O_TMPFILE | libc::O_WRONLY | flags);
     let file = match unnamed(libc::O_DIRECT).or_else(|_| unnamed(0)) {
         Ok(f) => f,
         Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
@@ -431,20 +438,11 @@ fn create_renamed(dir: &fs::File, name: &CStr, body: &[u8]) -> std::io::Result<(
     );
     let tmp = CString::new(tmp).expect("no NUL");
     let open = |flags| {
-        // SAFETY: openat with a valid C string; the descriptor is owned below.
-        let fd = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                tmp.as_ptr(),
-                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC | flags,
-                0o600,
-            )
-        };
-        match fd {
-            -1 => Err(std::io::Error::last_os_error()),
-            // SAFETY: a fresh descriptor nobody else owns.
-            fd => Ok(unsafe { fs::File::from_raw_fd(fd) }),
-        }
+        open_at(
+            dir,
+            &tmp,
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | flags,
+        )
     };
     let file = match open(libc::O_DIRECT) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0)?,
@@ -537,9 +535,11 @@ fn clear_direct(f: &fs::File) -> std::io::Result<()> {
     }
 }
 
+const TRASH: &str = "trash";
+
 /// Where gc puts a chunk while it decides whether to delete it.
 pub fn trash_path(chunk: &Path) -> PathBuf {
-    chunk.with_extension("trash")
+    chunk.with_extension(TRASH)
 }
 
 /// Set the mtime of `name` in `dir` to now; false if it does not exist.

@@ -227,6 +227,16 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     strata::progress::set_enabled(!cli.quiet);
+    // Listings die quietly when their reader goes away (`strata snapshots
+    // | head`), like other Unix tools, instead of panicking on EPIPE. Only
+    // these: commands that talk over sockets must see EPIPE as an error.
+    if matches!(
+        cli.command,
+        Command::Snapshots { .. } | Command::Map { .. } | Command::Verify { .. }
+    ) {
+        // SAFETY: restoring the default action of one signal at startup.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     // Repository files are for the owner only (invariant 7).
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o077) };

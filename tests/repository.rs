@@ -390,3 +390,35 @@ fn restore_replaces_an_existing_file() {
         );
     }
 }
+
+/// A listing whose reader has gone (`strata snapshots | head`) ends
+/// quietly by SIGPIPE, like other Unix tools, not with a panic.
+#[test]
+fn listing_into_a_closed_pipe_is_quiet() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let env = Env::new();
+    let disk = Qcow::create(env.path("d.qcow2"), 4 * MIB);
+    disk.io(&["write -P 0x41 0 64k"]);
+    let truth = disk.truth(&env.path("t.raw"));
+    env.backup(&["--disk", "d", truth.to_str().unwrap()]);
+    for args in [&["snapshots"][..], &["map", "d@latest"]] {
+        let mut child = env
+            .cmd()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before strata writes anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {stderr}"
+        );
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
