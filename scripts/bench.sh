@@ -42,11 +42,14 @@ t() {
     echo "$secs" > "$W/.last"
 }
 mbps() { python3 -c "print(f'{$1 / 2**20 / $2:.0f} MiB/s')"; }
-# ddread NAME FILE: sequential read throughput with dd bs=1M
+# median X...: the middle value. Timings this noisy are taken three times.
+median() { python3 -c 'import statistics, sys; print(statistics.median(map(float, sys.argv[1:])))' "$@"; }
+# ddread NAME FILE: sequential read throughput with dd bs=1M (bytes/s in .rate)
 ddread() {
     local out
     out=$(dd if="$2" of=/dev/null bs=1M 2>&1 | tail -1)
     printf '%-44s %s\n' "$1" "$(echo "$out" | awk -F, '{print $NF}')"
+    echo "$out" | awk '{print $1 / $(NF-3)}' > "$W/.rate"
 }
 
 echo "# strata benchmark: ${GIB} GiB image, $(nproc) cores, $(date -u +%FT%TZ)"
@@ -62,7 +65,16 @@ t "zstd -1 -T2 (compress only)" sh -c "zstd -q -1 -T2 -c '$W/disk.raw' > /dev/nu
 restic init -q > /dev/null
 t "restic backup" restic backup -q "$W/disk.raw"; RESTIC=$(cat "$W/.last")
 "$S" init > /dev/null
-t "strata backup (full)" "$S" -q backup --disk bench "$W/disk.raw"; FULL=$(cat "$W/.last")
+t "strata backup (full)" "$S" -q backup --disk bench "$W/disk.raw"; FULLS=$(cat "$W/.last")
+# Twice more, into empty repositories kept until the end (deleting many
+# files makes creating files slow here for the next half minute).
+for k in 2 3; do
+    STRATA_REPO="$W/repo-full$k" "$S" init > /dev/null
+    t "strata backup (full, empty repo $k)" env STRATA_REPO="$W/repo-full$k" "$S" -q backup --disk bench "$W/disk.raw"
+    FULLS="$FULLS $(cat "$W/.last")"
+done
+FULL=$(median $FULLS)
+echo "strata full, median of three: $FULL s"
 echo "strata/restic speed: $(python3 -c "print(f'{$RESTIC/$FULL:.2f}x')")   strata/zstd speed: $(python3 -c "print(f'{$ZSTD/$FULL:.2f}')")"
 echo "strata full: $(mbps "$ALLOC" "$FULL") of allocated data"
 
@@ -70,10 +82,9 @@ echo; echo "## incrementals (3% of clusters changed each) and the equivalent qco
 qemu-img convert -O qcow2 "$W/disk.raw" "$W/q0.qcow2"
 for i in $(seq 1 8); do
     python3 scripts/benchdata.py change "$W/state.raw" 3 "$i" "$W/c$i.json"
-    if [ "$i" = 1 ]; then
-        t "strata backup --changes (3%)" "$S" -q backup --disk bench "$W/state.raw" --changes "$W/c$i.json"
-        INC=$(cat "$W/.last")
-        echo "incremental/full time: $(python3 -c "print(f'{100*$INC/$FULL:.1f}%')")"
+    if [ "$i" -le 3 ]; then
+        t "strata backup --changes (3%), #$i" "$S" -q backup --disk bench "$W/state.raw" --changes "$W/c$i.json"
+        INCS="${INCS:-} $(cat "$W/.last")"
     else
         "$S" -q backup --disk bench "$W/state.raw" --changes "$W/c$i.json" > /dev/null
     fi
@@ -86,13 +97,18 @@ for i in $(seq 1 8); do
     # restic gets the same nine states, for the verify and prune comparisons
     cp --sparse=always "$W/state.raw" "$W/disk.raw" && restic backup -q "$W/disk.raw" > /dev/null
 done
+INC=$(median $INCS)
+echo "incremental/full time (medians): $(python3 -c "print(f'{100*$INC/$FULL:.1f}%')")"
 
 echo; echo "## restore of the newest of full + 8 incrementals (cold cache)"
-drop; t "qemu-img convert -O raw (qcow2 chain)" qemu-img convert -O raw "$W/q8.qcow2" "$W/out-q.raw"; QI=$(cat "$W/.last")
-drop; t "strata restore" "$S" -q restore bench@latest "$W/out-s.raw"; SR=$(cat "$W/.last")
-cmp "$W/out-s.raw" "$W/state.raw" && cmp "$W/out-q.raw" "$W/state.raw"
-echo "strata/qemu-img speed: $(python3 -c "print(f'{$QI/$SR:.2f}x')")"
-rm -f "$W/out-q.raw" "$W/out-s.raw"
+QIS=""; SRS=""
+for k in 1 2 3; do
+    drop; t "qemu-img convert -O raw (qcow2 chain)" qemu-img convert -O raw "$W/q8.qcow2" "$W/out-q.raw"; QIS="$QIS $(cat "$W/.last")"
+    drop; t "strata restore" "$S" -q restore bench@latest "$W/out-s.raw"; SRS="$SRS $(cat "$W/.last")"
+    cmp "$W/out-s.raw" "$W/state.raw" && cmp "$W/out-q.raw" "$W/state.raw"
+    rm -f "$W/out-q.raw" "$W/out-s.raw"
+done
+echo "strata/qemu-img speed (medians): $(python3 -c "print(f'{$(median $QIS)/$(median $SRS):.2f}x')")"
 
 echo; echo "## NBD pull over a unix socket (qemu-nbd -e 3), page cache warm"
 qemu-img convert -O qcow2 "$W/disk.raw" "$W/pull.qcow2"
@@ -159,7 +175,20 @@ mkdir -p "$W/mnt"
 "$S" mount "$W/mnt" > /dev/null
 MPID=$(grep -o 'strata:[0-9]*' /proc/self/mountinfo | head -1 | cut -d: -f2)
 IMG="$W/mnt/bench/latest.raw"
-drop; ddread "strata mount, cold" "$IMG"
+touch "$W/qfile"
+qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$W/q8.qcow2" \
+    --blockdev driver=qcow2,node-name=q,file=f \
+    --export type=fuse,id=e,node-name=q,mountpoint="$W/qfile",writable=off \
+    --pidfile "$W/qsd.pid" --daemonize
+QSD_PID=$(cat "$W/qsd.pid")
+SCOLD=""; QCOLD=""
+for k in 1 2 3; do
+    drop; ddread "qemu-storage-daemon fuse export, cold" "$W/qfile"; QCOLD="$QCOLD $(cat "$W/.rate")"
+    drop; ddread "strata mount, cold" "$IMG"; SCOLD="$SCOLD $(cat "$W/.rate")"
+done
+kill "$QSD_PID"; tail --pid="$QSD_PID" -f /dev/null; QSD_PID=""
+mounted "$W/qfile" && umount -l "$W/qfile"
+echo "strata/qemu-storage-daemon cold read (medians): $(python3 -c "print(f'{$(median $SCOLD)/$(median $QCOLD):.2f}x')")"
 ddread "strata mount, second read (page cache)" "$IMG"
 ddread "strata mount, third read (page cache)" "$IMG"
 echo "strata mount RSS after reading: $(awk '/VmHWM/ {print int($2/1024) " MiB"}' /proc/$MPID/status)"
@@ -167,15 +196,6 @@ echo "strata mount RSS after reading: $(awk '/VmHWM/ {print int($2/1024) " MiB"}
 drop; cat "$W/state.raw" > /dev/null
 ddread "plain raw file, second read (page cache)" "$W/state.raw"
 ddread "plain raw file, third read (page cache)" "$W/state.raw"
-touch "$W/qfile"
-qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$W/q8.qcow2" \
-    --blockdev driver=qcow2,node-name=q,file=f \
-    --export type=fuse,id=e,node-name=q,mountpoint="$W/qfile",writable=off \
-    --pidfile "$W/qsd.pid" --daemonize
-QSD_PID=$(cat "$W/qsd.pid")
-drop; ddread "qemu-storage-daemon fuse export, cold" "$W/qfile"
-kill "$QSD_PID"; tail --pid="$QSD_PID" -f /dev/null; QSD_PID=""
-mounted "$W/qfile" && umount -l "$W/qfile"
 mkdir -p "$W/rmnt"
 restic mount -q "$W/rmnt" & RESTIC_MOUNT_PID=$!
 while [ ! -e "$W/rmnt/snapshots/latest" ]; do sleep 0.2; done
@@ -204,4 +224,5 @@ echo; echo "## prune: remove 8 of 9 snapshots, gc included"
 t "restic forget --keep-last 1 --prune" restic forget -q --keep-last 1 --prune; RP=$(cat "$W/.last")
 t "strata prune --keep-last 1 --disk bench" "$S" -q prune --keep-last 1 --disk bench; SP=$(cat "$W/.last")
 echo "strata time / restic time: $(python3 -c "print(f'{$SP/$RP:.3f}')")"
+rm -rf "$W/repo-full2" "$W/repo-full3"
 echo "done"
