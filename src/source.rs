@@ -35,6 +35,12 @@ pub trait Source: Sync {
         }
         Ok(())
     }
+    /// The parts of `range` that may hold data, when the source knows that
+    /// the rest reads as zeroes without being read (the holes of a sparse
+    /// file); `None` when it does not know.
+    fn data_within(&self, _range: ByteRange) -> Option<Vec<ByteRange>> {
+        None
+    }
     /// Everything has been read; called before the snapshot is committed.
     fn finished(&self) {}
 }
@@ -96,8 +102,15 @@ impl Source for FileSource {
         })
     }
 
+    /// Reading a hole costs more than reading data here: the kernel
+    /// allocates and zeroes page-cache pages for it.
+    fn data_within(&self, range: ByteRange) -> Option<Vec<ByteRange>> {
+        let end = range.end().min(self.size);
+        data_ranges(&self.file, range.offset, end).ok()
+    }
+
     fn allocation(&self) -> Result<Vec<Extent>> {
-        data_ranges(&self.file, self.size).map(|ranges| {
+        data_ranges(&self.file, 0, self.size).map(|ranges| {
             ranges
                 .into_iter()
                 .map(|r| Extent::new(r, ExtentKind::Data))
@@ -106,11 +119,12 @@ impl Source for FileSource {
     }
 }
 
-/// Data ranges by SEEK_DATA/SEEK_HOLE; the whole file where unsupported.
-fn data_ranges(file: &File, size: u64) -> Result<Vec<ByteRange>> {
+/// Data ranges in `[start, size)` by SEEK_DATA/SEEK_HOLE; all of it where
+/// unsupported.
+fn data_ranges(file: &File, start: u64, size: u64) -> Result<Vec<ByteRange>> {
     let fd = file.as_raw_fd();
     let mut out = Vec::new();
-    let mut pos = 0u64;
+    let mut pos = start;
     while pos < size {
         // SAFETY: lseek on a descriptor we own; it only moves the shared offset,
         // which nothing else here uses (reads are positional).
@@ -121,7 +135,7 @@ fn data_ranges(file: &File, size: u64) -> Result<Vec<ByteRange>> {
                 break;
             }
             if out.is_empty() && err.raw_os_error() == Some(libc::EINVAL) {
-                return Ok(vec![ByteRange::new(0, size)]);
+                return Ok(vec![ByteRange::from_bounds(start, size)]);
             }
             return Err(Error::io("lseek(SEEK_DATA)", err));
         }
@@ -163,5 +177,12 @@ mod tests {
         assert!(alloc[0].offset <= 4 << 20 && alloc[0].offset > 0);
         let mut buf = [0u8; 16];
         assert!(src.read_exact_at(&mut buf, (8 << 20) - 8).is_err());
+        let within = |o, l| src.data_within(ByteRange::new(o, l)).unwrap();
+        assert!(within(0, 1 << 20).is_empty());
+        assert!(within(6 << 20, 2 << 20).is_empty());
+        let around = within(3 << 20, 2 << 20);
+        assert_eq!(around.len(), 1);
+        assert!(around[0].offset <= 4 << 20 && around[0].end() >= (4 << 20) + 4096);
+        assert!(around[0].offset >= 3 << 20 && around[0].end() <= 5 << 20);
     }
 }

@@ -272,13 +272,16 @@ fn bad_input_changes_nothing() {
 /// A change list that leaves out a changed range is caught by sampling
 /// (here every unlisted block), names the range, and stores nothing: in a
 /// chunk shared with a listed block (compared byte by byte), in a whole
-/// chunk (compared by hash) and in a hole of the parent (compared with zero).
+/// chunk (compared by hash), in a hole of the parent (compared with zero)
+/// and where the source has a hole and the parent data.
 #[test]
 fn lying_change_list_is_caught() {
     for (lie, at) in [
         ("write -P 0x02 2M 4k", 2 * MIB),
         ("write -P 0x03 4M 4k", 4 * MIB),
         ("write -P 0x04 6M 4k", 6 * MIB),
+        // A hole in the source now, read as zeroes without reading it.
+        ("write -z 4M 1M", 4 * MIB),
     ] {
         let env = Env::new();
         let disk = Qcow::create(env.path("d.qcow2"), 8 * MIB);
