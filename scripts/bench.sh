@@ -212,8 +212,9 @@ for i in $(seq 1 "$DEPTH"); do
     "$S" -q backup --disk deep "$W/deep.raw" --changes "$W/d.json" --check-unchanged 0 > /dev/null
 done
 FIRST_INC=$("$S" snapshots --disk deep --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[1]["path"])')
-drop; ddread "depth 1, cold" "$W/mnt/$FIRST_INC"
-drop; ddread "depth $DEPTH, cold" "$W/mnt/deep/latest.raw"
+drop; ddread "depth 1, cold" "$W/mnt/$FIRST_INC"; D1=$(cat "$W/.rate")
+drop; ddread "depth $DEPTH, cold" "$W/mnt/deep/latest.raw"; DN=$(cat "$W/.rate")
+echo "depth $DEPTH/depth 1 throughput: $(python3 -c "print(f'{100*$DN/$D1:.1f}%')")"
 "$S" umount "$W/mnt" > /dev/null
 
 echo; echo "## peak RSS"
