@@ -141,7 +141,8 @@ pub fn backup_with(
     // earlier fulls, and a differential re-sends mostly the clusters the
     // previous one had, which deduplicate only if cut the same way.
     let groups = if kind == SnapshotKind::Incremental {
-        group_windows(&windows)
+        // A group is read into one chunk-sized buffer.
+        group_windows(&windows, GROUP_BYTES.min(repo.config().chunk_size))
     } else {
         windows.iter().map(std::slice::from_ref).collect()
     };
@@ -195,16 +196,16 @@ pub(crate) fn chunk_workers() -> usize {
 /// 256 KiB, 0.17-0.26 s (one chunk file per cluster: 0.24-0.31 s).
 const GROUP_BYTES: u64 = 256 << 10;
 
-/// Consecutive windows gathered into groups of at most `GROUP_BYTES` (a
+/// Consecutive windows gathered into groups of at most `limit` bytes (a
 /// larger window stands alone), each to be read into one buffer and stored
 /// as one chunk. An incremental's windows are mostly single clusters spread
 /// over the disk; one chunk file each, the per-file cost (create, link, a
 /// small O_DIRECT write) was most of the backup's time.
-fn group_windows(windows: &[ByteRange]) -> Vec<&[ByteRange]> {
+fn group_windows(windows: &[ByteRange], limit: u64) -> Vec<&[ByteRange]> {
     let mut groups = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, w) in windows.iter().enumerate() {
-        if i > start && bytes + w.length > GROUP_BYTES {
+        if i > start && bytes + w.length > limit {
             groups.push(&windows[start..i]);
             (start, bytes) = (i, 0);
         }
@@ -669,10 +670,16 @@ mod tests {
         let w = |offset: u64, length: u64| ByteRange::new(offset, length);
         let mut windows: Vec<ByteRange> = (0..20).map(|i| w(i * 1000 * k, 64 * k)).collect();
         windows.insert(3, w(8000 * k, 4096 * k));
-        let sizes: Vec<usize> = group_windows(&windows).iter().map(|g| g.len()).collect();
+        let sizes = |limit| -> Vec<usize> {
+            group_windows(&windows, limit)
+                .iter()
+                .map(|g| g.len())
+                .collect()
+        };
         // Three small ones, the large one alone, then four to a group.
-        assert_eq!(sizes, vec![3, 1, 4, 4, 4, 4, 1]);
-        assert!(group_windows(&[]).is_empty());
+        assert_eq!(sizes(GROUP_BYTES), vec![3, 1, 4, 4, 4, 4, 1]);
+        assert_eq!(sizes(128 * k), vec![2, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 1]);
+        assert!(group_windows(&[], GROUP_BYTES).is_empty());
     }
 
     #[test]

@@ -425,3 +425,43 @@ fn listing_into_a_closed_pipe_is_quiet() {
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
 }
+
+/// An incremental of scattered clusters in a repository whose chunks are
+/// smaller than a group: groups stay within one chunk's buffer.
+#[test]
+fn small_chunk_size_incremental() {
+    let env = Env::new();
+    let config = env.repo.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["chunk_size"] = 65536.into();
+    std::fs::write(&config, c.to_string()).unwrap();
+    let disk = Qcow::create(env.path("d.qcow2"), 16 * MIB);
+    disk.io(&["write -P 0x11 0 8M"]);
+    let t0 = disk.truth(&env.path("t0.raw"));
+    env.backup(&["--disk", "d", t0.to_str().unwrap()]);
+    disk.io(&[
+        "write -P 0x12 1M 64k",
+        "write -P 0x13 5M 64k",
+        "write -P 0x14 12M 64k",
+    ]);
+    let t1 = disk.truth(&env.path("t1.raw"));
+    let changes = env.path("c.json");
+    let extents: Vec<String> = [1, 5, 12]
+        .iter()
+        .map(|m| format!(r#"{{"offset": {}, "length": 65536}}"#, m * MIB))
+        .collect();
+    std::fs::write(
+        &changes,
+        format!(r#"{{"extents": [{}]}}"#, extents.join(",")),
+    )
+    .unwrap();
+    let snap = env.backup(&[
+        "--disk",
+        "d",
+        t1.to_str().unwrap(),
+        "--changes",
+        changes.to_str().unwrap(),
+    ]);
+    env.assert_restores(&snap, &t1);
+}
