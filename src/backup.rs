@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 
 use crate::changes::ChangeList;
-use crate::chunk::ChunkId;
+use crate::chunk::{is_zero, ChunkId};
 use crate::error::{Error, Result};
 use crate::extent::{merge_touching, ByteRange, ExtentKind};
 use crate::image::{self, ChunkCache};
@@ -408,12 +408,6 @@ fn split_zeroes(range: ByteRange, data: &[u8]) -> Vec<(ByteRange, bool)> {
     parts
 }
 
-pub fn is_zero(buf: &[u8]) -> bool {
-    // SAFETY: u128 has no invalid bit patterns; align_to handles the edges.
-    let (head, body, tail) = unsafe { buf.align_to::<u128>() };
-    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
 /// Compare a sample of the blocks the change list calls unchanged with the
 /// parent's image: a lying bitmap must not produce a wrong snapshot.
 fn check_unchanged(
@@ -553,34 +547,21 @@ fn compare_cell(
 }
 
 /// Read `blocks` of `cell` from `source` into their places in `ours`.
-/// Holes the source knows of are not read but zeroed here: reading a hole
-/// of a sparse file makes the kernel allocate and clear page-cache pages,
-/// which was most of the sample's cost.
 fn read_blocks(
     source: &dyn Source,
     cell: ByteRange,
     blocks: &[ByteRange],
     ours: &mut [u8],
 ) -> Result<()> {
-    let data = match source.data_within(cell) {
-        Some(data) => {
-            ours[..cell.length as usize].fill(0);
-            data
-        }
-        None => vec![cell],
-    };
     let mut reads = Vec::with_capacity(blocks.len());
     let mut rest = &mut ours[..cell.length as usize];
     let mut pos = cell.offset;
-    for part in blocks
-        .iter()
-        .flat_map(|b| data.iter().filter_map(|d| b.intersect(d)))
-    {
-        let (_, tail) = rest.split_at_mut((part.offset - pos) as usize);
-        let (buf, tail) = tail.split_at_mut(part.length as usize);
-        reads.push((part.offset, buf));
+    for b in blocks {
+        let (_, tail) = rest.split_at_mut((b.offset - pos) as usize);
+        let (buf, tail) = tail.split_at_mut(b.length as usize);
+        reads.push((b.offset, buf));
         rest = tail;
-        pos = part.end();
+        pos = b.end();
     }
     source.read_many(&mut reads)
 }

@@ -157,7 +157,7 @@ fn parse(file: &[u8]) -> std::result::Result<(u8, &[u8]), &'static str> {
                 .filter(|&end| end <= file.len())
                 .ok_or("truncated")?;
             // Damage in the padding is damage too: verify must report it.
-            if !is_zero_bytes(&file[end..]) {
+            if !is_zero(&file[end..]) {
                 return Err("nonzero padding");
             }
             Ok((file[3], &file[HEADER_LEN..end]))
@@ -166,8 +166,11 @@ fn parse(file: &[u8]) -> std::result::Result<(u8, &[u8]), &'static str> {
     }
 }
 
-fn is_zero_bytes(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
+/// Whether `buf` is all zero bytes, a machine word at a time.
+pub fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns; align_to handles the edges.
+    let (head, body, tail) = unsafe { buf.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 /// Decode a chunk file body into `into` and check it against `id`.
@@ -257,10 +260,11 @@ impl ChunkStore {
     pub fn put(&self, data: &[u8]) -> Result<PutOutcome> {
         let id = ChunkId::of(data);
         let dir = self.subdir(id.0[0])?;
-        let name = CString::new(id.to_hex()).expect("hex has no NUL");
+        let name = FileName::new(&id, "");
+        let name = name.as_c();
         // An existing chunk is touched instead: gc keeps chunks newer than
         // the oldest running backup, and the touch fails if gc moved it away.
-        if touch_at(dir, &name) {
+        if touch_at(dir, name) {
             return Ok(PutOutcome { id, stored: 0 });
         }
         let stored = WRITE_BUF.with(|cell| -> Result<usize> {
@@ -269,7 +273,7 @@ impl ChunkStore {
             let start = aligned_start(&mut buf, need);
             let out = &mut buf[start..start + need];
             let len = encode_into(data, self.level, out)?;
-            create_file(dir, &name, &out[..padded(len)])
+            create_file(dir, name, &out[..padded(len)])
                 .ctx(|| format!("write {}", self.path(&id).display()))?;
             Ok(len)
         })?;
@@ -281,24 +285,20 @@ impl ChunkStore {
 
     /// Read and decode a chunk, checking its hash.
     pub fn get_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()> {
-        let hex = id.to_hex();
-        let bad = |e: std::io::Error| Error::BadChunk {
-            hash: hex.clone(),
-            message: format!("cannot read {}: {e}", self.path(id).display()),
-        };
         let dir = self.subdir(id.0[0])?;
-        let name = CString::new(hex.as_str()).expect("hex has no NUL");
         FILE_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
-            let read = match read_file(dir, &name, &mut buf) {
+            let read = match read_file(dir, FileName::new(id, "").as_c(), &mut buf) {
                 // gc may be checking it under its trash name at this moment.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    let trash = CString::new(format!("{hex}.{TRASH}")).expect("no NUL");
-                    read_file(dir, &trash, &mut buf)
+                    read_file(dir, FileName::new(id, TRASH_SUFFIX).as_c(), &mut buf)
                 }
                 other => other,
             };
-            let body = read.map_err(bad)?;
+            let body = read.map_err(|e| Error::BadChunk {
+                hash: id.to_hex(),
+                message: format!("cannot read {}: {e}", self.path(id).display()),
+            })?;
             decode(id, &buf[body], into)
         })
     }
@@ -536,6 +536,25 @@ fn clear_direct(f: &fs::File) -> std::io::Result<()> {
 }
 
 const TRASH: &str = "trash";
+const TRASH_SUFFIX: &str = ".trash";
+
+/// A chunk's file name (64 hex digits and a suffix) as a C string on the
+/// stack: every put and get needs one, and they are hot paths.
+struct FileName([u8; 72]);
+
+impl FileName {
+    fn new(id: &ChunkId, suffix: &str) -> Self {
+        let mut buf = [0u8; 72];
+        let hex = blake3::Hash::from_bytes(id.0).to_hex();
+        buf[..64].copy_from_slice(hex.as_bytes());
+        buf[64..64 + suffix.len()].copy_from_slice(suffix.as_bytes());
+        FileName(buf)
+    }
+
+    fn as_c(&self) -> &CStr {
+        CStr::from_bytes_until_nul(&self.0).expect("the last byte is NUL")
+    }
+}
 
 /// Where gc puts a chunk while it decides whether to delete it.
 pub fn trash_path(chunk: &Path) -> PathBuf {
@@ -552,11 +571,17 @@ fn touch_at(dir: &fs::File, name: &CStr) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn roundtrip_compressible_and_random() {
+    /// A chunk store in a temporary directory (removed when dropped).
+    fn scratch_store() -> (tempfile::TempDir, ChunkStore) {
         let dir = tempfile::tempdir().unwrap();
         ChunkStore::create_layout(dir.path()).unwrap();
         let store = ChunkStore::new(dir.path().to_path_buf(), 1);
+        (dir, store)
+    }
+
+    #[test]
+    fn roundtrip_compressible_and_random() {
+        let (_dir, store) = scratch_store();
         let text = b"hello world ".repeat(10_000);
         let mut random = vec![0u8; 100_000];
         let mut x = 0x9E3779B97F4A7C15u64;
@@ -586,9 +611,7 @@ mod tests {
 
     #[test]
     fn fallbacks_write_whole_named_files() {
-        let dir = tempfile::tempdir().unwrap();
-        ChunkStore::create_layout(dir.path()).unwrap();
-        let store = ChunkStore::new(dir.path().to_path_buf(), 1);
+        let (_dir, store) = scratch_store();
         // Linking through /proc/self/fd, as without CAP_DAC_READ_SEARCH.
         EMPTY_PATH_REFUSED.store(true, Ordering::Relaxed);
         let data = b"linked by path".repeat(500);
@@ -613,9 +636,7 @@ mod tests {
 
     #[test]
     fn version_1_files_are_read() {
-        let dir = tempfile::tempdir().unwrap();
-        ChunkStore::create_layout(dir.path()).unwrap();
-        let store = ChunkStore::new(dir.path().to_path_buf(), 1);
+        let (_dir, store) = scratch_store();
         let data = b"written by strata 0.1".repeat(300);
         let id = ChunkId::of(&data);
         let compressed = zstd::bulk::compress(&data, 1).unwrap();
@@ -631,9 +652,7 @@ mod tests {
     fn reads_of_every_size_reuse_one_buffer() {
         // Sizes around the O_DIRECT block, in shrinking and growing order,
         // through one thread's buffer: a stale tail must never leak in.
-        let dir = tempfile::tempdir().unwrap();
-        ChunkStore::create_layout(dir.path()).unwrap();
-        let store = ChunkStore::new(dir.path().to_path_buf(), 1);
+        let (_dir, store) = scratch_store();
         let mut out = Vec::new();
         for len in [9000, 1, 4094, 4095, 4096, 4097, 8192, 100, 70_000] {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
@@ -645,9 +664,7 @@ mod tests {
 
     #[test]
     fn damage_is_detected() {
-        let dir = tempfile::tempdir().unwrap();
-        ChunkStore::create_layout(dir.path()).unwrap();
-        let store = ChunkStore::new(dir.path().to_path_buf(), 1);
+        let (_dir, store) = scratch_store();
         let id = store.put(&b"abc".repeat(1000)).unwrap().id;
         let path = store.path(&id);
         let good = fs::read(&path).unwrap();

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::backup::{is_zero, GRANULARITY};
-use crate::chunk::ChunkId;
+use crate::backup::GRANULARITY;
+use crate::chunk::{is_zero, ChunkId};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::ByteRange;
 use crate::image_map::{ImageMap, Piece, Segment};
