@@ -22,13 +22,7 @@ use crate::snapshot::SnapshotInfo;
 
 pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<()> {
     let map = repo.image_map(info)?;
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(target)
-        .ctx(|| format!("open {}", target.display()))?;
+    let (file, readable) = open_target(target).ctx(|| format!("open {}", target.display()))?;
     let meta = file
         .metadata()
         .ctx(|| format!("stat {}", target.display()))?;
@@ -56,6 +50,7 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
     let out = Output {
         file: &file,
         turn: Mutex::new(()),
+        prefault: readable && !block_device,
     };
     let bar = crate::progress::bytes(map.data_bytes(), &format!("restore {}", info.reference()));
     write_data(repo, &map, &out, !block_device, &|n| bar.inc(n))?;
@@ -67,6 +62,24 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
             .ctx(|| format!("fsync {}", target.display()))?;
     }
     Ok(())
+}
+
+/// Open for writing, and for reading too where allowed (for the prefault,
+/// see [`Output`]); returns whether the file is readable.
+fn open_target(target: &Path) -> std::io::Result<(File, bool)> {
+    let open = |read| {
+        OpenOptions::new()
+            .read(read)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(target)
+    };
+    match open(true) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok((open(false)?, false)),
+        r => r.map(|f| (f, true)),
+    }
 }
 
 /// Drop the old contents of an existing regular file, so that the sparse
@@ -138,13 +151,26 @@ fn zero_gaps(file: &File, map: &ImageMap) -> Result<()> {
 /// sleep: side by side, a cold restore took 4.4-5.0 s this way against
 /// 4.7-5.3 s with free-for-all writes and 10 s with O_DIRECT writes (which
 /// share the disk with the chunk reads instead of leaving it to writeback).
+///
+/// With `prefault`, each writer first has the page cache pages it is about
+/// to fill allocated, outside the lock: readahead of a hole in a regular
+/// file makes zeroed pages without I/O. Allocating and first touching a page
+/// is most of a buffered write's cost where the memory was handed back to a
+/// hypervisor (free page reporting: 370 MB/s for one writer here, twice that
+/// for two); under the inode lock it is paid on one core, here on all.
 struct Output<'a> {
     file: &'a File,
     turn: Mutex<()>,
+    prefault: bool,
 }
 
 impl Output<'_> {
     fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        if self.prefault {
+            // SAFETY: readahead on a descriptor we own, into the page cache;
+            // a failure only loses the head start.
+            unsafe { libc::readahead(self.file.as_raw_fd(), offset as i64, data.len()) };
+        }
         let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
         self.file
             .write_all_at(data, offset)
