@@ -29,7 +29,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# drop: cold cache, and memory in one known state for every tool. This VM
+# hands free memory back to the hypervisor (virtio-balloon free page
+# reporting) a few seconds after it is freed; touching such a page again
+# costs ~10 us (dd of fresh pages: 370 MB/s, of pages just freed: 2.8
+# GB/s). Without the wait, a run's speed depended on how long ago the step
+# before it freed its pages: qemu-img convert took 3.4-9.9 s on one
+# unchanged input. After BENCH_SETTLE seconds all free memory is returned.
+SETTLE=${BENCH_SETTLE:-10}
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; sleep "$SETTLE"; }
 # t NAME CMD...: run, print "NAME seconds maxrss_MiB". Dirty data of earlier
 # steps is flushed first, so that nobody's time includes another's writeback
 # (strata's commit uses syncfs, which would flush it).
@@ -191,11 +199,13 @@ mounted "$W/qfile" && umount -l "$W/qfile"
 echo "strata/qemu-storage-daemon cold read (medians): $(python3 -c "print(f'{$(median $SCOLD)/$(median $QCOLD):.2f}x')")"
 ddread "strata mount, second read (page cache)" "$IMG"
 ddread "strata mount, third read (page cache)" "$IMG"
+echo "strata mount, page cache: $(python3 scripts/folios.py "$IMG")"
 echo "strata mount RSS after reading: $(awk '/VmHWM/ {print int($2/1024) " MiB"}' /proc/$MPID/status)"
 # The raw file, same history as the image above: dropped, read once, then timed.
 drop; cat "$W/state.raw" > /dev/null
 ddread "plain raw file, second read (page cache)" "$W/state.raw"
 ddread "plain raw file, third read (page cache)" "$W/state.raw"
+echo "plain raw file, page cache: $(python3 scripts/folios.py "$W/state.raw")"
 mkdir -p "$W/rmnt"
 restic mount -q "$W/rmnt" & RESTIC_MOUNT_PID=$!
 while [ ! -e "$W/rmnt/snapshots/latest" ]; do sleep 0.2; done
