@@ -406,16 +406,17 @@ fn listing_into_a_closed_pipe_is_quiet() {
     let truth = disk.truth(&env.path("t.raw"));
     env.backup(&["--disk", "d", truth.to_str().unwrap()]);
     for args in [&["snapshots"][..], &["map", "d@latest"]] {
-        let mut child = env
+        // A pipe whose read end is closed before strata starts, so that its
+        // first write fails whatever the timing.
+        let (read_end, write_end) = std::io::pipe().unwrap();
+        drop(read_end);
+        let out = env
             .cmd()
             .args(args)
-            .stdout(Stdio::piped())
+            .stdout(Stdio::from(write_end))
             .stderr(Stdio::piped())
-            .spawn()
+            .output()
             .unwrap();
-        // Close the read end before strata writes anything.
-        drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.signal(),
