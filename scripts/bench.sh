@@ -6,6 +6,7 @@
 #   scripts/bench.sh                  4 GiB image (the issues' size)
 #   BENCH_GIB=1 scripts/bench.sh      quicker
 #   BENCH_DIR=/path scripts/bench.sh  where the scratch data goes (needs ~5x GIB)
+#   BENCH_SETTLE=0 scripts/bench.sh   no wait after cache drops (see drop below)
 #
 # Needs root (drop_caches, FUSE) and: qemu-utils, restic, fuse3, python3.
 set -euo pipefail
