@@ -260,7 +260,7 @@ impl ChunkStore {
     pub fn put(&self, data: &[u8]) -> Result<PutOutcome> {
         let id = ChunkId::of(data);
         let dir = self.subdir(id.0[0])?;
-        let name = FileName::new(&id, "");
+        let name = FileName::new(&id, None);
         let name = name.as_c();
         // An existing chunk is touched instead: gc keeps chunks newer than
         // the oldest running backup, and the touch fails if gc moved it away.
@@ -288,10 +288,10 @@ impl ChunkStore {
         let dir = self.subdir(id.0[0])?;
         FILE_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
-            let read = match read_file(dir, FileName::new(id, "").as_c(), &mut buf) {
+            let read = match read_file(dir, FileName::new(id, None).as_c(), &mut buf) {
                 // gc may be checking it under its trash name at this moment.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    read_file(dir, FileName::new(id, TRASH_SUFFIX).as_c(), &mut buf)
+                    read_file(dir, FileName::new(id, Some(TRASH)).as_c(), &mut buf)
                 }
                 other => other,
             };
@@ -536,18 +536,21 @@ fn clear_direct(f: &fs::File) -> std::io::Result<()> {
 }
 
 const TRASH: &str = "trash";
-const TRASH_SUFFIX: &str = ".trash";
 
-/// A chunk's file name (64 hex digits and a suffix) as a C string on the
-/// stack: every put and get needs one, and they are hot paths.
+/// A chunk's file name (64 hex digits and an optional short extension) as
+/// a C string on the stack: every put and get needs one, and they are hot
+/// paths.
 struct FileName([u8; 72]);
 
 impl FileName {
-    fn new(id: &ChunkId, suffix: &str) -> Self {
+    fn new(id: &ChunkId, extension: Option<&str>) -> Self {
         let mut buf = [0u8; 72];
         let hex = blake3::Hash::from_bytes(id.0).to_hex();
         buf[..64].copy_from_slice(hex.as_bytes());
-        buf[64..64 + suffix.len()].copy_from_slice(suffix.as_bytes());
+        if let Some(ext) = extension {
+            buf[64] = b'.';
+            buf[65..65 + ext.len()].copy_from_slice(ext.as_bytes());
+        }
         FileName(buf)
     }
 

@@ -86,13 +86,7 @@ fn disk_resized_between_snapshots() {
         disk.io(cmds);
         let truth = disk.truth(&env.path(&format!("t{}.raw", i + 1)));
         let map = disk.dirty_map("b", &env.path(&format!("m{i}.json")));
-        let snap = env.backup(&[
-            "--disk",
-            "r",
-            truth.to_str().unwrap(),
-            "--changes",
-            map.to_str().unwrap(),
-        ]);
+        let snap = env.incremental("r", &truth, &map);
         disk.clear_bitmap("b");
         snaps.push((snap, truth));
     }
@@ -125,13 +119,7 @@ fn qemu_img_map_as_change_list() {
     let t1 = top.truth(&env.path("t1.raw"));
     let map = sh("qemu-img", &["map", "--output=json", top.p()]);
     std::fs::write(env.path("map.json"), map).unwrap();
-    let snap = env.backup(&[
-        "--disk",
-        "m",
-        t1.to_str().unwrap(),
-        "--changes",
-        env.path("map.json").to_str().unwrap(),
-    ]);
+    let snap = env.incremental("m", &t1, &env.path("map.json"));
     env.assert_restores(&snap, &t1);
     let own: serde_json::Value =
         serde_json::from_str(&env.ok(&["map", "--own", "--json", &snap])).unwrap();
@@ -457,12 +445,6 @@ fn small_chunk_size_incremental() {
         format!(r#"{{"extents": [{}]}}"#, extents.join(",")),
     )
     .unwrap();
-    let snap = env.backup(&[
-        "--disk",
-        "d",
-        t1.to_str().unwrap(),
-        "--changes",
-        changes.to_str().unwrap(),
-    ]);
+    let snap = env.incremental("d", &t1, &changes);
     env.assert_restores(&snap, &t1);
 }

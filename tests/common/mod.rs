@@ -73,6 +73,18 @@ impl Env {
         out.split_whitespace().nth(1).unwrap().to_string()
     }
 
+    /// Take an incremental of `disk` from `source` holding the ranges of the
+    /// `changes` JSON file; return its `DISK@ID`.
+    pub fn incremental(&self, disk: &str, source: &Path, changes: &Path) -> String {
+        self.backup(&[
+            "--disk",
+            disk,
+            source.to_str().unwrap(),
+            "--changes",
+            changes.to_str().unwrap(),
+        ])
+    }
+
     /// Restore `snap` and compare it with `truth` byte for byte; check that
     /// the copy is no less sparse than the truth.
     pub fn assert_restores(&self, snap: &str, truth: &Path) {
