@@ -6,21 +6,21 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use strata::backup::{self, BackupOptions};
-use strata::changes;
-use strata::extent::{ExtentDoc, EXTENTS_FORMAT};
-use strata::lock::MaintenanceLock;
-use strata::mount::{self, MountOptions, Unmounted};
-use strata::name::{DiskName, SnapshotRef};
-use strata::nbd::client::NbdSource;
-use strata::nbd::server::{receive, ReceiveOptions};
-use strata::nbd::NbdUri;
-use strata::prune::{self, Policy};
-use strata::repo::Repository;
-use strata::snapshot::{format_time, parse_time};
-use strata::source::FileSource;
-use strata::verify::{self, Subset, VerifyOptions};
-use strata::{forget, gc, repair};
+use strata::care::prune::{self, Policy};
+use strata::care::verify::{self, Subset, VerifyOptions};
+use strata::care::{forget, gc, repair};
+use strata::ingest::backup::{self, BackupOptions};
+use strata::ingest::changes;
+use strata::ingest::nbd::client::NbdSource;
+use strata::ingest::nbd::server::{receive, ReceiveOptions};
+use strata::ingest::nbd::NbdUri;
+use strata::ingest::source::FileSource;
+use strata::model::extent::{ExtentDoc, EXTENTS_FORMAT};
+use strata::model::name::{DiskName, SnapshotRef};
+use strata::model::snapshot::{format_time, parse_time};
+use strata::serve::mount::{self, MountOptions, Unmounted};
+use strata::store::lock::MaintenanceLock;
+use strata::store::repo::Repository;
 
 #[derive(Parser)]
 #[command(
@@ -432,7 +432,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{:>16} {:>16} type", "offset", "length");
                 for e in &doc.extents {
-                    let kind = if e.kind == strata::extent::ExtentKind::Data {
+                    let kind = if e.kind == strata::model::extent::ExtentKind::Data {
                         "data"
                     } else {
                         "zero"
@@ -607,7 +607,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Restore { snapshot, target } => {
             let repo = open(&cli)?;
             let info = repo.resolve(&SnapshotRef::parse(snapshot)?)?;
-            strata::restore::restore(&repo, &info, target)?;
+            strata::serve::restore::restore(&repo, &info, target)?;
             println!("restored {} to {}", info.reference(), target.display());
         }
     }

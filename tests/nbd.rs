@@ -419,7 +419,7 @@ fn push_from_blockdev_backup() {
 /// out-of-range requests get errors and the server keeps serving.
 #[test]
 fn receive_survives_bad_clients() {
-    use strata::nbd::wire::*;
+    use strata::ingest::nbd::wire::*;
     let env = Env::new();
     let size: u64 = 8 << 20;
     let (child, sock) = start_receive(&env, &["--disk", "r", "--size", &size.to_string()]);
@@ -516,7 +516,7 @@ impl Writer {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        use strata::nbd::wire::CMD_WRITE;
+        use strata::ingest::nbd::wire::CMD_WRITE;
         self.send(CMD_WRITE, offset, data.len() as u32, data);
         self.truth[offset as usize..offset as usize + data.len()].copy_from_slice(data);
     }
@@ -527,7 +527,7 @@ impl Writer {
     }
 
     fn check_read(&mut self, offset: u64, length: usize) {
-        use strata::nbd::wire::CMD_READ;
+        use strata::ingest::nbd::wire::CMD_READ;
         self.send(CMD_READ, offset, length as u32, &[]);
         let mut data = vec![0u8; length];
         self.c.read_exact(&mut data).unwrap();
@@ -546,7 +546,7 @@ impl Writer {
 /// short last cell.
 #[test]
 fn receive_cells_in_every_state() {
-    use strata::nbd::wire::*;
+    use strata::ingest::nbd::wire::*;
     const MIB: u64 = 1 << 20;
     let env = Env::new();
     let size = 80 * MIB + 12345;
@@ -602,7 +602,7 @@ fn receive_cells_in_every_state() {
 /// The client half of a fixed-newstyle handshake with NBD_OPT_EXPORT_NAME,
 /// by hand; returns the export size.
 fn raw_handshake<S: Read + Write>(c: &mut S) -> u64 {
-    use strata::nbd::wire::*;
+    use strata::ingest::nbd::wire::*;
     let mut hello = [0u8; 18];
     c.read_exact(&mut hello).unwrap();
     c.write_all(&u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
@@ -617,18 +617,18 @@ fn raw_handshake<S: Read + Write>(c: &mut S) -> u64 {
 /// (error, cookie). READ data that follows is left to the caller.
 fn raw_request<S: Read + Write>(
     c: &mut S,
-    req: strata::nbd::wire::Request,
+    req: strata::ingest::nbd::wire::Request,
     payload: &[u8],
 ) -> (u32, u64) {
-    use strata::nbd::wire::*;
+    use strata::ingest::nbd::wire::*;
     req.write_to(c).unwrap();
     c.write_all(payload).unwrap();
     assert_eq!(u32_be(c).unwrap(), SIMPLE_REPLY_MAGIC);
     (u32_be(c).unwrap(), u64_be(c).unwrap())
 }
 
-fn req(kind: u16, cookie: u64, offset: u64, length: u32) -> strata::nbd::wire::Request {
-    strata::nbd::wire::Request {
+fn req(kind: u16, cookie: u64, offset: u64, length: u32) -> strata::ingest::nbd::wire::Request {
+    strata::ingest::nbd::wire::Request {
         flags: 0,
         kind,
         cookie,
@@ -649,7 +649,7 @@ fn free_port() -> u16 {
 /// TCP URIs both ways, and --keep-listening after a dropped writer.
 #[test]
 fn tcp_and_keep_listening() {
-    use strata::nbd::wire::*;
+    use strata::ingest::nbd::wire::*;
     let env = Env::new();
     let disk = Qcow::create(env.path("t.qcow2"), 8 << 20);
     disk.io(&["write -P 0x5c 1M 2M"]);

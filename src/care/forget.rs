@@ -11,19 +11,19 @@
 //! children and deletes S, then S's manifest file goes. A manifest left
 //! without a catalog row is removed by gc.
 
-use crate::catalog::SnapshotRecord;
 use crate::error::{Error, Result};
-use crate::extent::ByteRange;
-use crate::image_map::{ImageMap, Segment};
-use crate::manifest::{self, Manifest};
-use crate::repo::Repository;
-use crate::snapshot::{SnapshotInfo, SnapshotKind};
+use crate::model::extent::ByteRange;
+use crate::model::image_map::{ImageMap, Segment};
+use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
+use crate::store::catalog::SnapshotRecord;
+use crate::store::manifest::{self, Manifest};
+use crate::store::repo::Repository;
 
 /// Remove one snapshot, rewriting its children. Refuses a protected one.
 pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
-    let current = repo.resolve(&crate::name::SnapshotRef {
+    let current = repo.resolve(&crate::model::name::SnapshotRef {
         disk: info.disk.clone(),
-        selector: crate::name::Selector::Id(info.id.clone()),
+        selector: crate::model::name::Selector::Id(info.id.clone()),
     })?;
     if current.protected {
         return Err(Error::invalid(format!(
@@ -115,7 +115,7 @@ pub fn set_protected(repo: &Repository, info: &SnapshotInfo, protected: bool) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::ChunkId;
+    use crate::model::chunk_id::ChunkId;
 
     fn info(kind: SnapshotKind, size: u64) -> SnapshotInfo {
         SnapshotInfo::for_test(chrono::Utc::now(), 1, kind, size)
@@ -145,7 +145,7 @@ mod tests {
                     .map(|x| {
                         let s = m.slice(ByteRange::new(x, 1)).next();
                         let v = match s.map(|s| s.piece) {
-                            Some(crate::image_map::Piece::Data { chunk, skip }) => {
+                            Some(crate::model::image_map::Piece::Data { chunk, skip }) => {
                                 chunk.0[0] as u64 * 1000 + skip as u64
                             }
                             _ => 0,

@@ -11,12 +11,12 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
-use crate::extent::ByteRange;
-use crate::image_map::{ImageMap, Piece};
-use crate::repo::Repository;
-use crate::snapshot::SnapshotInfo;
+use crate::model::chunk_id::ChunkId;
+use crate::model::extent::ByteRange;
+use crate::model::image_map::{ImageMap, Piece};
+use crate::model::snapshot::SnapshotInfo;
+use crate::store::repo::Repository;
 
 /// Which chunks to read (all unless a subset is asked for).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -231,7 +231,7 @@ fn same_identity(a: &SnapshotInfo, b: &SnapshotInfo) -> bool {
 fn resolve_with_parent(
     repo: &Repository,
     info: &SnapshotInfo,
-    parent: Option<&crate::name::SnapshotId>,
+    parent: Option<&crate::model::name::SnapshotId>,
     own: &ImageMap,
     known: &HashSet<String>,
 ) -> Result<ImageMap, String> {
@@ -243,7 +243,7 @@ fn resolve_with_parent(
         return Err(format!("parent {pref} is missing"));
     }
     let parent = repo
-        .resolve(&crate::name::SnapshotRef::parse(&pref).map_err(|e| e.to_string())?)
+        .resolve(&crate::model::name::SnapshotRef::parse(&pref).map_err(|e| e.to_string())?)
         .map_err(|e| format!("parent: {e}"))?;
     let (_, parent_image) = repo.maps(&parent).map_err(|e| format!("parent: {e}"))?;
     Ok(parent_image.overlay(own))

@@ -12,13 +12,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::backup::GRANULARITY;
-use crate::chunk::{is_zero, ChunkId};
 use crate::error::{Error, IoContext, Result};
-use crate::extent::ByteRange;
-use crate::image_map::{ImageMap, Piece, Segment};
-use crate::repo::Repository;
-use crate::snapshot::SnapshotInfo;
+use crate::model::chunk_id::ChunkId;
+use crate::model::extent::ByteRange;
+use crate::model::extent::GRANULARITY;
+use crate::model::image_map::{ImageMap, Piece, Segment};
+use crate::model::snapshot::SnapshotInfo;
+use crate::store::chunk::is_zero;
+use crate::store::repo::Repository;
 
 pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<()> {
     let map = repo.image_map(info)?;

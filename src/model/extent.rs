@@ -156,6 +156,9 @@ pub fn coalesce(extents: impl IntoIterator<Item = Extent>) -> Vec<Extent> {
     out
 }
 
+/// Zero detection and the recorded granularity: QEMU's default cluster size.
+pub const GRANULARITY: u64 = 64 << 10;
+
 pub const EXTENTS_FORMAT: &str = "strata-extents/1";
 
 /// The extent JSON document of a snapshot (SPEC "Extent JSON").

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fusefs::ImageFs;
-use crate::lock::{Activity, Registration};
-use crate::repo::Repository;
+use crate::serve::fusefs::ImageFs;
+use crate::store::lock::{Activity, Registration};
+use crate::store::repo::Repository;
 
 #[derive(Debug, Clone, Default)]
 pub struct MountOptions {

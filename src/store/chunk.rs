@@ -14,7 +14,6 @@
 
 use std::cell::RefCell;
 use std::ffi::{CStr, CString};
-use std::fmt;
 use std::fs;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, FromRawFd};
@@ -23,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, IoContext, Result};
+use crate::model::chunk_id::ChunkId;
 
 /// Chunks never exceed this many bytes of raw data.
 pub const MAX_CHUNK_SIZE: usize = 4 << 20;
@@ -34,38 +34,6 @@ const ENC_RAW: u8 = 0;
 const ENC_ZSTD: u8 = 1;
 const HEADER_LEN: usize = 8;
 const HEADER_LEN_1: usize = 4;
-
-/// The blake3 hash of a chunk's raw data, which is also its name.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChunkId(pub [u8; 32]);
-
-impl ChunkId {
-    pub fn of(data: &[u8]) -> Self {
-        ChunkId(*blake3::hash(data).as_bytes())
-    }
-
-    pub fn to_hex(&self) -> String {
-        blake3::Hash::from_bytes(self.0).to_hex().to_string()
-    }
-
-    pub fn from_hex(s: &str) -> Result<Self> {
-        blake3::Hash::from_hex(s)
-            .map(|h| ChunkId(*h.as_bytes()))
-            .map_err(|_| Error::invalid(format!("invalid chunk hash {s:?}")))
-    }
-}
-
-impl fmt::Display for ChunkId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for ChunkId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ChunkId({})", &self.to_hex()[..16])
-    }
-}
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 

@@ -4,10 +4,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::chunk::{ChunkId, ChunkStore};
 use crate::error::Result;
-use crate::extent::ByteRange;
-use crate::image_map::{ImageMap, Piece};
+use crate::model::chunk_id::ChunkId;
+use crate::model::extent::ByteRange;
+use crate::model::image_map::{ImageMap, Piece};
+use crate::store::chunk::ChunkStore;
 
 /// Decoded chunks, bounded by total bytes, least recently used out first.
 /// A chunk being decoded by one thread is waited for by the others rather

@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::fs;
 
-use crate::catalog::{Catalog, SnapshotRecord};
 use crate::error::{Error, IoContext, Result};
-use crate::image_map::ImageMap;
-use crate::lock::{self, MaintenanceLock};
-use crate::manifest;
-use crate::repo::Repository;
-use crate::snapshot::SnapshotInfo;
+use crate::model::image_map::ImageMap;
+use crate::model::snapshot::SnapshotInfo;
+use crate::store::catalog::{Catalog, SnapshotRecord};
+use crate::store::lock::{self, MaintenanceLock};
+use crate::store::manifest;
+use crate::store::repo::Repository;
 
 #[derive(Debug, Default)]
 pub struct RebuildReport {

@@ -18,13 +18,13 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{Catalog, SnapshotRecord};
-use crate::chunk::ChunkStore;
 use crate::error::{Error, IoContext, Result};
-use crate::image_map::ImageMap;
-use crate::manifest::{self, Manifest};
-use crate::name::{DiskName, Selector, SnapshotId, SnapshotRef};
-use crate::snapshot::{SnapshotInfo, SnapshotKind};
+use crate::model::image_map::ImageMap;
+use crate::model::name::{DiskName, Selector, SnapshotId, SnapshotRef};
+use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
+use crate::store::catalog::{Catalog, SnapshotRecord};
+use crate::store::chunk::ChunkStore;
+use crate::store::manifest::{self, Manifest};
 
 pub const REPO_FORMAT: &str = "strata-repo/1";
 
@@ -110,7 +110,8 @@ impl Repository {
                 format!("unknown format {:?}", config.format),
             ));
         }
-        if config.chunk_size == 0 || config.chunk_size > crate::chunk::MAX_CHUNK_SIZE as u64 {
+        if config.chunk_size == 0 || config.chunk_size > crate::store::chunk::MAX_CHUNK_SIZE as u64
+        {
             return Err(Error::NotARepository(
                 root.to_path_buf(),
                 format!("bad chunk_size {}", config.chunk_size),

@@ -8,9 +8,9 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use crate::error::Result;
-use crate::image_map::ImageMap;
-use crate::name::{DiskName, SnapshotId};
-use crate::snapshot::{format_time, parse_time, SnapshotInfo, SnapshotKind};
+use crate::model::image_map::ImageMap;
+use crate::model::name::{DiskName, SnapshotId};
+use crate::model::snapshot::{format_time, parse_time, SnapshotInfo, SnapshotKind};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS snapshots (

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::extent::{coalesce, ByteRange, Extent, ExtentKind};
+use crate::model::extent::{coalesce, ByteRange, Extent, ExtentKind};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangeList {
@@ -30,7 +30,7 @@ impl ChangeList {
                 ));
             }
         }
-        crate::extent::validate(&self.extents, disk_size)
+        crate::model::extent::validate(&self.extents, disk_size)
     }
 }
 
@@ -95,9 +95,9 @@ pub fn parse(text: &str) -> std::result::Result<ChangeList, String> {
             };
             // Strata documents must already be in canonical order.
             if let Some(size) = list.size {
-                crate::extent::validate(&list.extents, size)?;
+                crate::model::extent::validate(&list.extents, size)?;
             } else {
-                crate::extent::validate(&list.extents, u64::MAX)?;
+                crate::model::extent::validate(&list.extents, u64::MAX)?;
             }
             Ok(ChangeList {
                 origin: String::new(),
@@ -132,7 +132,7 @@ pub fn parse(text: &str) -> std::result::Result<ChangeList, String> {
                 }
             };
             let extents: Vec<Extent> = extents.into_iter().filter(|e| e.length > 0).collect();
-            crate::extent::validate(&extents, u64::MAX)?;
+            crate::model::extent::validate(&extents, u64::MAX)?;
             Ok(ChangeList {
                 origin: String::new(),
                 size: None,

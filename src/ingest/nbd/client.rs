@@ -8,10 +8,10 @@ use std::sync::Mutex;
 
 use super::wire::*;
 use super::{NbdUri, Stream};
-use crate::changes::ChangeList;
 use crate::error::{Error, Result};
-use crate::extent::{coalesce, ByteRange, Extent, ExtentKind};
-use crate::source::Source;
+use crate::ingest::changes::ChangeList;
+use crate::ingest::source::Source;
+use crate::model::extent::{coalesce, ByteRange, Extent, ExtentKind};
 
 pub const BASE_ALLOCATION: &str = "base:allocation";
 

@@ -19,17 +19,17 @@ use std::path::PathBuf;
 use super::cells::Cells;
 use super::wire::*;
 use super::{Endpoint, NbdUri, Stream};
-use crate::backup::{backup_with, BackupOptions};
-use crate::changes::ChangeList;
 use crate::error::{Error, IoContext, Result};
-use crate::extent::{ByteRange, Extent, ExtentKind};
-use crate::image::{self, ChunkCache};
-use crate::image_map::ImageMap;
-use crate::lock::{Activity, Registration};
-use crate::name::{DiskName, Selector, SnapshotRef};
-use crate::repo::Repository;
-use crate::snapshot::SnapshotInfo;
-use crate::source::Source;
+use crate::ingest::backup::{backup_with, BackupOptions};
+use crate::ingest::changes::ChangeList;
+use crate::ingest::source::Source;
+use crate::model::extent::{ByteRange, Extent, ExtentKind};
+use crate::model::image_map::ImageMap;
+use crate::model::name::{DiskName, Selector, SnapshotRef};
+use crate::model::snapshot::SnapshotInfo;
+use crate::store::image::{self, ChunkCache};
+use crate::store::lock::{Activity, Registration};
+use crate::store::repo::Repository;
 
 #[derive(Debug, Clone, Default)]
 pub struct ReceiveOptions {
@@ -74,7 +74,7 @@ impl Written {
     }
 
     fn extents(&self) -> Vec<Extent> {
-        crate::extent::coalesce(
+        crate::model::extent::coalesce(
             self.0
                 .iter()
                 .map(|(s, (e, k))| Extent::new(ByteRange::from_bounds(*s, *e), *k)),

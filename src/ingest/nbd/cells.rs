@@ -17,11 +17,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::Scope;
 
 use super::server::Written;
-use crate::backup::{chunk_workers, store_window, Prechunked};
 use crate::error::{Error, IoContext, Result};
-use crate::extent::{ByteRange, Extent, ExtentKind};
-use crate::image_map::{Piece, Segment};
-use crate::repo::Repository;
+use crate::ingest::backup::{chunk_workers, store_window, Prechunked};
+use crate::model::extent::{ByteRange, Extent, ExtentKind};
+use crate::model::image_map::{Piece, Segment};
+use crate::store::repo::Repository;
 
 /// Cells held in memory at most, waiting for the rest of their writes.
 const MAX_PENDING: usize = 64;

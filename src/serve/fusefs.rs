@@ -19,13 +19,13 @@ use fuser::{
     ReplyLseek, ReplyOpen, ReplyStatfs, Request,
 };
 
-use crate::chunk::ChunkId;
 use crate::error::Result;
-use crate::extent::ByteRange;
-use crate::image::{self, ChunkCache};
-use crate::image_map::{ImageMap, Piece};
-use crate::repo::Repository;
-use crate::snapshot::SnapshotInfo;
+use crate::model::chunk_id::ChunkId;
+use crate::model::extent::ByteRange;
+use crate::model::image_map::{ImageMap, Piece};
+use crate::model::snapshot::SnapshotInfo;
+use crate::store::image::{self, ChunkCache};
+use crate::store::repo::Repository;
 
 /// Images and their JSON never change: let the kernel cache them long.
 const FILE_TTL: Duration = Duration::from_secs(3600);

@@ -17,11 +17,12 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::chunk::{trash_path, ChunkId};
 use crate::error::{Error, IoContext, Result};
-use crate::lock::{self, Activity, MaintenanceLock};
-use crate::manifest;
-use crate::repo::Repository;
+use crate::model::chunk_id::ChunkId;
+use crate::store::chunk::trash_path;
+use crate::store::lock::{self, Activity, MaintenanceLock};
+use crate::store::manifest;
+use crate::store::repo::Repository;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
@@ -182,7 +183,7 @@ fn sweep_tmp(repo: &Repository, cutoff: f64, report: &mut GcReport) -> Result<()
 /// Remove manifests whose snapshot is not in the catalog, and temporaries.
 fn sweep_manifests(
     repo: &Repository,
-    snaps: &[crate::snapshot::SnapshotInfo],
+    snaps: &[crate::model::snapshot::SnapshotInfo],
     cutoff: f64,
     report: &mut GcReport,
 ) -> Result<()> {
@@ -191,7 +192,7 @@ fn sweep_manifests(
         .map(|s| format!("{}/{}.json", s.disk, s.id))
         .collect();
     let dir = repo.manifests_dir();
-    let files = crate::manifest::list_files(&dir)?;
+    let files = crate::store::manifest::list_files(&dir)?;
     let manifests = files
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "json"))

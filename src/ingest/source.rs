@@ -7,7 +7,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
-use crate::extent::{ByteRange, Extent, ExtentKind};
+use crate::model::extent::{ByteRange, Extent, ExtentKind};
 
 pub trait Source: Sync {
     /// For messages: a path or URI.

@@ -14,13 +14,13 @@
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 
+use crate::care::forget::forget_one;
+use crate::care::gc::{gc, GcReport};
 use crate::error::{Error, Result};
-use crate::forget::forget_one;
-use crate::gc::{gc, GcReport};
-use crate::lock::MaintenanceLock;
-use crate::name::DiskName;
-use crate::repo::Repository;
-use crate::snapshot::SnapshotInfo;
+use crate::model::name::DiskName;
+use crate::model::snapshot::SnapshotInfo;
+use crate::store::lock::MaintenanceLock;
+use crate::store::repo::Repository;
 
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -224,10 +224,10 @@ pub fn prune(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::SnapshotKind;
+    use crate::model::snapshot::SnapshotKind;
 
     fn snap(time: &str, seq: u32) -> SnapshotInfo {
-        let time = crate::snapshot::parse_time(time).unwrap();
+        let time = crate::model::snapshot::parse_time(time).unwrap();
         SnapshotInfo::for_test(time, seq, SnapshotKind::Incremental, 1)
     }
 

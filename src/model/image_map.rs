@@ -5,9 +5,9 @@
 //! own segments onto its parent's map. Reads then do one binary search,
 //! whatever the depth of the incremental chain (invariant 3).
 
-use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
-use crate::extent::{coalesce, ByteRange, Extent, ExtentKind};
+use crate::model::chunk_id::ChunkId;
+use crate::model::extent::{coalesce, ByteRange, Extent, ExtentKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Piece {

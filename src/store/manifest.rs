@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::ChunkId;
 use crate::error::{Error, IoContext, Result};
-use crate::extent::{ByteRange, Extent, ExtentDoc, ExtentKind, EXTENTS_FORMAT};
-use crate::image_map::{ImageMap, Piece, Segment};
-use crate::name::{DiskName, SnapshotId};
-use crate::snapshot::{format_time, parse_time, SnapshotInfo, SnapshotKind};
+use crate::model::chunk_id::ChunkId;
+use crate::model::extent::{ByteRange, Extent, ExtentDoc, ExtentKind, EXTENTS_FORMAT};
+use crate::model::image_map::{ImageMap, Piece, Segment};
+use crate::model::name::{DiskName, SnapshotId};
+use crate::model::snapshot::{format_time, parse_time, SnapshotInfo, SnapshotKind};
 
 pub const MANIFEST_FORMAT: &str = "strata-manifest/1";
 
@@ -110,7 +110,7 @@ impl Manifest {
             protected: self.protected,
             stored_bytes: self.stored_bytes,
         };
-        crate::extent::validate(&self.extents, self.size).map_err(bad)?;
+        crate::model::extent::validate(&self.extents, self.size).map_err(bad)?;
         let mut segments: Vec<Segment> = self
             .extents
             .iter()

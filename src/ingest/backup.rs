@@ -12,20 +12,18 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 
-use crate::changes::ChangeList;
-use crate::chunk::{is_zero, ChunkId};
 use crate::error::{Error, Result};
-use crate::extent::{merge_touching, ByteRange, ExtentKind};
-use crate::image::{self, ChunkCache};
-use crate::image_map::{ImageMap, Piece, Segment};
-use crate::lock::{Activity, Registration};
-use crate::name::{DiskName, Selector, SnapshotRef};
-use crate::repo::{NewSnapshot, Repository};
-use crate::snapshot::{SnapshotInfo, SnapshotKind};
-use crate::source::Source;
-
-/// Zero detection and the recorded granularity: QEMU's default cluster size.
-pub const GRANULARITY: u64 = 64 << 10;
+use crate::ingest::changes::ChangeList;
+use crate::ingest::source::Source;
+use crate::model::chunk_id::ChunkId;
+use crate::model::extent::{merge_touching, ByteRange, ExtentKind, GRANULARITY};
+use crate::model::image_map::{ImageMap, Piece, Segment};
+use crate::model::name::{DiskName, Selector, SnapshotRef};
+use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
+use crate::store::chunk::is_zero;
+use crate::store::image::{self, ChunkCache};
+use crate::store::lock::{Activity, Registration};
+use crate::store::repo::{NewSnapshot, Repository};
 
 #[derive(Debug, Clone, Default)]
 pub struct BackupOptions {
@@ -423,7 +421,7 @@ fn check_unchanged(
     let started = std::time::Instant::now();
     let common = parent.size.min(source.size());
     let map = repo.image_map(parent)?;
-    let cache = ChunkCache::new(CHECK_THREADS * crate::chunk::MAX_CHUNK_SIZE);
+    let cache = ChunkCache::new(CHECK_THREADS * crate::store::chunk::MAX_CHUNK_SIZE);
     let mut rng = SplitMix(
         Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64 ^ u64::from(std::process::id()),
     );

@@ -1,0 +1,8 @@
+//! What the data is: names, extents, image maps, snapshot descriptions.
+//! Pure values and their encodings; no I/O.
+
+pub mod chunk_id;
+pub mod extent;
+pub mod image_map;
+pub mod name;
+pub mod snapshot;

@@ -1,0 +1,10 @@
+//! Where bytes are kept: chunk files, the catalog, manifests, the
+//! repository that ties them together, leases, and reading an image back
+//! from its map.
+
+pub mod catalog;
+pub mod chunk;
+pub mod image;
+pub mod lock;
+pub mod manifest;
+pub mod repo;
