@@ -1,0 +1,235 @@
+//! Looking after the repository: `init`, `verify`, `forget`, `prune`,
+//! `protect`/`unprotect`, `gc`, `repair`.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use strata::care::prune::{self as retention, Policy, PruneReport};
+use strata::care::verify::{self as check, Report as VerifyReport, Subset, VerifyOptions};
+use strata::care::{forget as removal, gc as collect, repair as fix};
+use strata::model::name::{DiskName, SnapshotRef};
+use strata::model::snapshot::SnapshotInfo;
+use strata::store::lock::MaintenanceLock;
+use strata::store::repo::Repository;
+
+use super::{open, repo_path, Cli};
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    snapshots: Vec<String>,
+    /// Check presence and metadata only, without reading chunk data.
+    #[arg(long)]
+    quick: bool,
+    /// Read only a subset of the chunks: N/T (group N of T) or P%.
+    #[arg(long)]
+    read_data_subset: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ForgetArgs {
+    #[arg(required = true)]
+    snapshots: Vec<String>,
+    /// Also delete the data no snapshot references any more.
+    #[arg(long)]
+    prune: bool,
+}
+
+#[derive(Args)]
+pub struct PruneArgs {
+    #[arg(long)]
+    keep_last: Option<usize>,
+    #[arg(long)]
+    keep_hourly: Option<usize>,
+    #[arg(long)]
+    keep_daily: Option<usize>,
+    #[arg(long)]
+    keep_weekly: Option<usize>,
+    #[arg(long)]
+    keep_monthly: Option<usize>,
+    #[arg(long)]
+    keep_yearly: Option<usize>,
+    /// Keep everything this much younger than the newest (e.g. 7d, 12h, 1y6m).
+    #[arg(long)]
+    keep_within: Option<String>,
+    /// Only this disk.
+    #[arg(long)]
+    disk: Option<String>,
+    /// Show what would be kept and removed; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ProtectArgs {
+    snapshot: String,
+}
+
+#[derive(Args)]
+pub struct RepairArgs {
+    /// Rebuild the SQLite catalog from the manifest files.
+    #[arg(long, required = true)]
+    rebuild_catalog: bool,
+}
+
+pub fn init(cli: &Cli) -> Result<ExitCode> {
+    let path = repo_path(cli)?;
+    Repository::init(&path)?;
+    println!("created repository {}", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolve every reference first, so that a typo changes nothing.
+fn resolve_all(repo: &Repository, refs: &[String]) -> Result<Vec<SnapshotInfo>> {
+    refs.iter()
+        .map(|r| Ok(repo.resolve(&SnapshotRef::parse(r)?)?))
+        .collect()
+}
+
+pub fn verify(cli: &Cli, a: &VerifyArgs) -> Result<ExitCode> {
+    let repo = open(cli)?;
+    let infos = resolve_all(&repo, &a.snapshots)?;
+    let opts = VerifyOptions {
+        quick: a.quick,
+        subset: a
+            .read_data_subset
+            .as_deref()
+            .map(Subset::parse)
+            .transpose()?
+            .unwrap_or(Subset::All),
+    };
+    let report = check::verify(&repo, &infos, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_verify_report(&report, a.quick);
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_verify_report(report: &VerifyReport, quick: bool) {
+    for d in &report.damaged {
+        println!("DAMAGED {}: {}", d.snapshot, d.reason);
+        for [o, l] in &d.ranges {
+            println!("    bytes {o}..{} ({l} bytes)", o + l);
+        }
+    }
+    println!(
+        "{}: {} snapshots, {} chunks checked{}",
+        if report.ok { "ok" } else { "damage found" },
+        report.checked_snapshots,
+        report.checked_chunks,
+        if quick { " (presence only)" } else { "" }
+    );
+}
+
+pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<ExitCode> {
+    let repo = open(cli)?;
+    let lock = MaintenanceLock::acquire(repo.root(), "forget")?;
+    let infos = resolve_all(&repo, &a.snapshots)?;
+    if let Some(p) = infos.iter().find(|i| i.protected) {
+        bail!(
+            "{} is protected; unprotect it first (nothing was removed)",
+            p.reference()
+        );
+    }
+    for info in &infos {
+        removal::forget_one(&repo, info)?;
+        println!("removed {}", info.reference());
+    }
+    if a.prune {
+        let r = collect::gc(&repo, &lock)?;
+        println!(
+            "gc: deleted {} chunks, freed {} bytes",
+            r.deleted_chunks, r.freed_bytes
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn prune(cli: &Cli, a: &PruneArgs) -> Result<ExitCode> {
+    let repo = open(cli)?;
+    let policy = Policy {
+        last: a.keep_last,
+        hourly: a.keep_hourly,
+        daily: a.keep_daily,
+        weekly: a.keep_weekly,
+        monthly: a.keep_monthly,
+        yearly: a.keep_yearly,
+        within: a
+            .keep_within
+            .as_deref()
+            .map(retention::parse_duration)
+            .transpose()?,
+    };
+    let disk = a.disk.as_deref().map(DiskName::parse).transpose()?;
+    let report = retention::prune(&repo, &policy, disk.as_ref(), a.dry_run)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_prune_report(&report, a.dry_run);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_prune_report(report: &PruneReport, dry_run: bool) {
+    let verb = if dry_run { "would " } else { "" };
+    for k in &report.plan.keep {
+        println!("keep    {}  ({})", k.snapshot, k.rules.join(", "));
+    }
+    for r in &report.plan.remove {
+        println!("{verb}remove  {r}");
+    }
+    if let Some(why) = &report.gc_skipped {
+        println!("gc skipped: {why}");
+    } else if !dry_run {
+        println!("freed {} bytes", report.freed_bytes);
+    }
+}
+
+pub fn protect(cli: &Cli, a: &ProtectArgs, protect: bool) -> Result<ExitCode> {
+    let repo = open(cli)?;
+    let _lock = MaintenanceLock::acquire(repo.root(), "protect")?;
+    let info = repo.resolve(&SnapshotRef::parse(&a.snapshot)?)?;
+    removal::set_protected(&repo, &info, protect)?;
+    println!(
+        "{} {}",
+        if protect { "protected" } else { "unprotected" },
+        info.reference()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn gc(cli: &Cli) -> Result<ExitCode> {
+    let repo = open(cli)?;
+    let lock = MaintenanceLock::acquire(repo.root(), "gc")?;
+    let r = collect::gc(&repo, &lock)?;
+    println!(
+        "deleted {} chunks ({} bytes), {} unreferenced manifests, {} temporaries; kept {} recent chunks",
+        r.deleted_chunks, r.freed_bytes, r.removed_manifests, r.removed_temporaries, r.kept_recent
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn repair(cli: &Cli, _a: &RepairArgs) -> Result<ExitCode> {
+    let path = repo_path(cli)?;
+    let r = fix::rebuild_catalog(&path)?;
+    for s in &r.skipped {
+        eprintln!("skipped {s}");
+    }
+    println!("rebuilt the catalog: {} snapshots", r.restored);
+    Ok(if r.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,151 @@
+//! How data comes in: `backup` (file, block device, NBD pull) and
+//! `receive` (NBD push).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use strata::ingest::backup::{self, BackupOptions};
+use strata::ingest::changes;
+use strata::ingest::nbd::client::NbdSource;
+use strata::ingest::nbd::server::{self, ReceiveOptions};
+use strata::ingest::nbd::NbdUri;
+use strata::ingest::source::FileSource;
+use strata::model::name::{DiskName, SnapshotRef};
+use strata::model::snapshot::parse_time;
+
+use super::{open, Cli};
+
+#[derive(Args)]
+pub struct BackupArgs {
+    /// Disk name, e.g. vm1/vda.
+    #[arg(long)]
+    disk: String,
+    /// Raw image file, block device, or NBD URI (nbd://host[:port]/export,
+    /// nbd+unix:///export?socket=PATH).
+    source: String,
+    /// Take an incremental holding only the ranges listed in this JSON file.
+    #[arg(long, conflicts_with = "bitmap")]
+    changes: Option<PathBuf>,
+    /// NBD source: take an incremental of what this dirty bitmap marks.
+    #[arg(long)]
+    bitmap: Option<String>,
+    /// With --bitmap: if the bitmap is missing, take a full backup instead.
+    #[arg(long, requires = "bitmap")]
+    fallback_full: bool,
+    /// Parent of a non-full snapshot (default: the disk's latest).
+    #[arg(long)]
+    parent: Option<String>,
+    /// Mark the snapshot differential.
+    #[arg(long)]
+    differential: bool,
+    #[arg(long, default_value = "")]
+    label: String,
+    #[arg(long)]
+    checkpoint: Option<String>,
+    /// When the data was taken, if not now (RFC3339).
+    #[arg(long)]
+    time: Option<String>,
+    /// Percent of unchanged blocks to compare with the parent.
+    #[arg(long, default_value_t = 1.0)]
+    check_unchanged: f64,
+}
+
+#[derive(Args)]
+pub struct ReceiveArgs {
+    #[arg(long)]
+    disk: String,
+    /// nbd+unix:///?socket=PATH or nbd://127.0.0.1:PORT
+    #[arg(long)]
+    listen: String,
+    /// Export size of a full backup.
+    #[arg(long)]
+    size: Option<u64>,
+    /// Receive an incremental (the export has the parent's size and reads
+    /// as the parent's image underneath the writes).
+    #[arg(long)]
+    incremental: bool,
+    /// Parent of the incremental (default: the disk's latest).
+    #[arg(long, requires = "incremental")]
+    parent: Option<String>,
+    #[arg(long, requires = "incremental")]
+    differential: bool,
+    #[arg(long, default_value = "")]
+    label: String,
+    #[arg(long)]
+    checkpoint: Option<String>,
+    /// The bitmap QEMU backs up with, recorded with the snapshot.
+    #[arg(long)]
+    bitmap: Option<String>,
+    /// After a writer drops its connection, wait for the next one.
+    #[arg(long)]
+    keep_listening: bool,
+}
+
+pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<ExitCode> {
+    let repo = open(cli)?;
+    let disk = DiskName::parse(&a.disk)?;
+    let changes = a.changes.as_deref().map(changes::parse_file).transpose()?;
+    let mut opts = BackupOptions {
+        disk: Some(disk),
+        changes,
+        parent: a.parent.as_deref().map(SnapshotRef::parse).transpose()?,
+        differential: a.differential,
+        label: a.label.clone(),
+        checkpoint: a.checkpoint.clone(),
+        bitmap: a.bitmap.clone(),
+        time: a.time.as_deref().map(parse_time).transpose()?,
+        check_unchanged: a.check_unchanged,
+    };
+    let info = if NbdUri::is_nbd(&a.source) {
+        let source = NbdSource::connect(&NbdUri::parse(&a.source)?, a.bitmap.as_deref())?;
+        if let Some(bitmap) = &a.bitmap {
+            if source.has_bitmap(bitmap) {
+                opts.changes = Some(source.dirty(bitmap)?);
+            } else if a.fallback_full {
+                log::warn!("bitmap {bitmap} is missing: taking a full backup (--fallback-full)");
+                opts.parent = None;
+                opts.differential = false;
+                opts.bitmap = None;
+            } else {
+                source.dirty(bitmap)?; // fails with the clear message
+            }
+        }
+        let info = backup::backup(&repo, &source, &opts)?;
+        source.disconnect();
+        info
+    } else {
+        if a.bitmap.is_some() {
+            bail!("--bitmap needs an NBD source (nbd://… or nbd+unix://…)");
+        }
+        let source = FileSource::open(Path::new(&a.source))?;
+        backup::backup(&repo, &source, &opts)?
+    };
+    println!("{}", info.summary());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn receive(cli: &Cli, a: &ReceiveArgs) -> Result<ExitCode> {
+    let repo = open(cli)?;
+    let opts = ReceiveOptions {
+        disk: Some(DiskName::parse(&a.disk)?),
+        size: a.size,
+        incremental: a.incremental,
+        parent: a.parent.as_deref().map(SnapshotRef::parse).transpose()?,
+        differential: a.differential,
+        label: a.label.clone(),
+        checkpoint: a.checkpoint.clone(),
+        bitmap: a.bitmap.clone(),
+        keep_listening: a.keep_listening,
+    };
+    let listen = NbdUri::parse(&a.listen)?;
+    let info = server::receive(&repo, &listen, &opts, || {
+        // Scripts wait for this line before starting QEMU's job.
+        println!("listening on {listen}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    })?;
+    println!("{}", info.summary());
+    Ok(ExitCode::SUCCESS)
+}
