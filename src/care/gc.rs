@@ -1,14 +1,15 @@
 //! Garbage collection: delete chunks no snapshot references, manifests
-//! without a catalog row, and temporaries of interrupted work.
+//! without a catalog row, temporaries of interrupted work, and records of
+//! damaged chunks that healed or that nothing uses.
 //!
-//! gc runs beside backups. Each backup registers its start time (see
-//! `lock`), and storing a chunk that already exists touches its mtime, so a
-//! chunk is only a candidate when it is unreferenced *and* older than the
-//! oldest running backup. A candidate is renamed to `<hash>.trash`, its
+//! gc runs beside backups and mounts. Each backup registers its start time
+//! (see `lock`), and storing a chunk that already exists touches its mtime,
+//! so a chunk is only a candidate when it is unreferenced *and* older than
+//! the oldest running backup. A candidate is renamed to `<hash>.trash`, its
 //! mtime checked again (a backup may have touched it just before), and only
 //! then deleted; a touch after the rename fails and makes the backup write
-//! the chunk anew. While a mount is live, gc refuses: the mount may be
-//! serving a snapshot that was just forgotten.
+//! the chunk anew. Chunks of images open in a mount count as referenced
+//! (see `store::pins`), whether or not their snapshot still exists.
 
 use std::collections::HashSet;
 use std::fs;
@@ -22,6 +23,7 @@ use crate::model::chunk_id::ChunkId;
 use crate::store::chunk::trash_path;
 use crate::store::lock::{self, Activity, MaintenanceLock};
 use crate::store::manifest;
+use crate::store::pins;
 use crate::store::repo::Repository;
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -32,6 +34,8 @@ pub struct GcReport {
     pub kept_recent: usize,
     pub removed_manifests: usize,
     pub removed_temporaries: usize,
+    /// Records of damaged chunks removed: healed, or used by nothing.
+    pub removed_damaged: usize,
 }
 
 /// Seconds of slack under the cutoff: file systems stamp mtimes from a
@@ -40,11 +44,6 @@ const MARGIN_SECS: f64 = 0.1;
 
 pub fn gc(repo: &Repository, _lock: &MaintenanceLock) -> Result<GcReport> {
     let holders = lock::holders(repo.root())?;
-    if let Some(m) = holders.iter().find(|h| h.activity == Activity::Mount) {
-        return Err(Error::Busy(format!(
-            "gc would delete data a mount may still serve: the repository is in use by {m}; unmount it first"
-        )));
-    }
     let oldest = holders
         .iter()
         .filter(|h| h.activity == Activity::Backup)
@@ -69,6 +68,8 @@ pub fn gc(repo: &Repository, _lock: &MaintenanceLock) -> Result<GcReport> {
     for s in &snaps {
         referenced.extend(repo.image_map(s)?.chunks());
     }
+    // After the catalog, never before: see `store::pins` for why.
+    referenced.extend(pins::pinned_chunks(repo.root(), &holders)?);
     crate::testhook::pause("gc:marked");
 
     let mut report = GcReport::default();
@@ -77,6 +78,7 @@ pub fn gc(repo: &Repository, _lock: &MaintenanceLock) -> Result<GcReport> {
     }
     sweep_manifests(repo, &snaps, cutoff, &mut report)?;
     sweep_tmp(repo, cutoff, &mut report)?;
+    sweep_damaged(repo, &referenced, &mut report)?;
     log::info!(
         "gc: deleted {} chunks ({} bytes), kept {} recent",
         report.deleted_chunks,
@@ -147,6 +149,23 @@ fn delete_or_restore(trash: &Path, chunk: &Path, cutoff: f64, report: &mut GcRep
         fs::remove_file(trash).ctx(|| format!("remove {}", trash.display()))?;
         report.deleted_chunks += 1;
         report.freed_bytes += meta.len();
+    }
+    Ok(())
+}
+
+/// Records of damaged chunks that were stored anew or that no image uses:
+/// they hold nothing anyone needs.
+fn sweep_damaged(
+    repo: &Repository,
+    referenced: &HashSet<ChunkId>,
+    report: &mut GcReport,
+) -> Result<()> {
+    let quarantine = repo.chunks().quarantined();
+    for id in quarantine.list()? {
+        if repo.chunks().contains(&id) || !referenced.contains(&id) {
+            quarantine.remove(&id)?;
+            report.removed_damaged += 1;
+        }
     }
     Ok(())
 }

@@ -177,9 +177,6 @@ pub struct PruneReport {
     #[serde(flatten)]
     pub plan: PrunePlan,
     pub freed_bytes: u64,
-    /// Why gc did not run, if it did not (a live mount).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gc_skipped: Option<String>,
     #[serde(skip)]
     pub gc: Option<GcReport>,
 }
@@ -197,7 +194,6 @@ pub fn prune(
         return Ok(PruneReport {
             plan,
             freed_bytes: 0,
-            gc_skipped: None,
             gc: None,
         });
     }
@@ -205,19 +201,11 @@ pub fn prune(
         forget_one(repo, info)?;
     }
     crate::testhook::pause("prune:forgotten");
-    let (gc_report, gc_skipped) = match gc(repo, &lock) {
-        Ok(r) => (Some(r), None),
-        Err(Error::Busy(why)) => {
-            log::warn!("gc skipped: {why}");
-            (None, Some(why))
-        }
-        Err(e) => return Err(e),
-    };
+    let gc_report = gc(repo, &lock)?;
     Ok(PruneReport {
-        freed_bytes: gc_report.as_ref().map_or(0, |g| g.freed_bytes),
+        freed_bytes: gc_report.freed_bytes,
         plan,
-        gc_skipped,
-        gc: gc_report,
+        gc: Some(gc_report),
     })
 }
 

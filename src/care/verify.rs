@@ -3,7 +3,9 @@
 //! Metadata first (manifest against catalog, extents, parents, the resolved
 //! map recomputed from the parent), then every chunk the selected images
 //! use, each read once however many snapshots share it, on several threads.
-//! Damage is reported per snapshot with the image ranges it affects.
+//! Damage is reported per snapshot with the image ranges it affects, and
+//! every damaged chunk is moved out of use (see `store::quarantine`), so
+//! that backups store its data anew.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -265,11 +267,7 @@ fn check_chunks(repo: &Repository, ids: &[ChunkId], quick: bool) -> HashMap<Chun
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(id) = ids.get(i) else { break };
                     let result = if quick {
-                        match repo.chunks().stored_size(id) {
-                            Some(n) if n >= 4 => Ok(()),
-                            Some(_) => Err("truncated".to_string()),
-                            None => Err("missing".to_string()),
-                        }
+                        quick_check(repo, id)
                     } else {
                         repo.chunks().get_into(id, &mut buf).map_err(|e| match e {
                             Error::BadChunk { message, .. } => message,
@@ -288,6 +286,21 @@ fn check_chunks(repo: &Repository, ids: &[ChunkId], quick: bool) -> HashMap<Chun
     });
     bar.finish_and_clear();
     bad.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether a chunk file is there and long enough to hold a header; one that
+/// is not is moved out of use like a chunk that fails to read.
+fn quick_check(repo: &Repository, id: &ChunkId) -> Result<(), String> {
+    let why = match repo.chunks().stored_size(id) {
+        Some(n) if n >= 4 => return Ok(()),
+        Some(_) => "truncated",
+        None => "missing",
+    };
+    match repo.chunks().quarantine(id) {
+        Ok(Some(taken)) => Err(format!("{why}; {}", taken.describe())),
+        Ok(None) => Ok(()),
+        Err(e) => Err(format!("{why}; moving it out of use failed: {e}")),
+    }
 }
 
 #[cfg(test)]

@@ -189,9 +189,7 @@ fn print_prune_report(report: &PruneReport, dry_run: bool) {
     for r in &report.plan.remove {
         println!("{verb}remove  {r}");
     }
-    if let Some(why) = &report.gc_skipped {
-        println!("gc skipped: {why}");
-    } else if !dry_run {
+    if !dry_run {
         println!("freed {} bytes", report.freed_bytes);
     }
 }
@@ -214,8 +212,14 @@ pub fn gc(cli: &Cli) -> Result<ExitCode> {
     let lock = MaintenanceLock::acquire(repo.root(), "gc")?;
     let r = collect::gc(&repo, &lock)?;
     println!(
-        "deleted {} chunks ({} bytes), {} unreferenced manifests, {} temporaries; kept {} recent chunks",
-        r.deleted_chunks, r.freed_bytes, r.removed_manifests, r.removed_temporaries, r.kept_recent
+        "deleted {} chunks ({} bytes), {} unreferenced manifests, {} temporaries, {} damaged-chunk \
+         records no longer needed; kept {} recent chunks",
+        r.deleted_chunks,
+        r.freed_bytes,
+        r.removed_manifests,
+        r.removed_temporaries,
+        r.removed_damaged,
+        r.kept_recent
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -39,9 +39,30 @@ pub struct UmountArgs {
 pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<ExitCode> {
     let repo = open(cli)?;
     let info = repo.resolve(&SnapshotRef::parse(&a.snapshot)?)?;
-    strata::serve::restore::restore(&repo, &info, &a.target)?;
-    println!("restored {} to {}", info.reference(), a.target.display());
-    Ok(ExitCode::SUCCESS)
+    let restored = strata::serve::restore::restore(&repo, &info, &a.target)?;
+    if restored.damaged.is_empty() {
+        println!("restored {} to {}", info.reference(), a.target.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bytes: u64 = restored.damaged.iter().map(|r| r.length).sum();
+    eprintln!(
+        "restore: {} is damaged: {bytes} bytes in {} ranges could not be read and are left \
+         as zeroes in {}; everything else was restored",
+        info.reference(),
+        restored.damaged.len(),
+        a.target.display()
+    );
+    for r in &restored.damaged {
+        eprintln!("  damaged range {}+{}", r.offset, r.length);
+    }
+    for reason in &restored.reasons {
+        eprintln!("  {reason}");
+    }
+    eprintln!(
+        "a backup of the disk stores the damaged data again if the source still has it; \
+         `strata verify` lists what is damaged"
+    );
+    Ok(ExitCode::from(1))
 }
 
 pub fn mount(cli: &Cli, a: &MountArgs) -> Result<ExitCode> {

@@ -114,8 +114,9 @@ pub fn backup_with(
             } else {
                 SnapshotKind::Incremental
             };
-            check_unchanged(repo, source, &parent, changes, opts.check_unchanged)?;
-            (kind, Some(parent), changes.extents.clone())
+            let changes = with_parent_damage(repo, source, &parent, changes)?;
+            check_unchanged(repo, source, &parent, &changes, opts.check_unchanged)?;
+            (kind, Some(parent), changes.extents)
         }
     };
 
@@ -171,6 +172,41 @@ pub fn backup_with(
         info.stored_bytes
     );
     Ok(info)
+}
+
+/// `changes` plus the ranges of the parent's image whose chunks are damaged,
+/// read again from the source so that the new snapshot is whole whatever
+/// the change list says (and its data stored anew heals the parent too).
+fn with_parent_damage(
+    repo: &Repository,
+    source: &dyn Source,
+    parent: &SnapshotInfo,
+    changes: &ChangeList,
+) -> Result<ChangeList> {
+    let size = source.size();
+    let damaged: Vec<ByteRange> = repo
+        .damaged_ranges(&repo.image_map(parent)?)?
+        .into_iter()
+        .filter_map(|r| r.intersect(&ByteRange::new(0, size)))
+        .collect();
+    if damaged.is_empty() {
+        return Ok(changes.clone());
+    }
+    if !source.reads_anywhere() {
+        return Err(Error::invalid(format!(
+            "the parent {} has damaged ranges, which {} cannot supply; take a full backup",
+            parent.reference(),
+            source.describe()
+        )));
+    }
+    log::warn!(
+        "the parent {} has {} damaged bytes in {} ranges; reading them from {} again",
+        parent.reference(),
+        damaged.iter().map(|r| r.length).sum::<u64>(),
+        damaged.len(),
+        source.describe()
+    );
+    Ok(changes.with_reads(&damaged))
 }
 
 struct Captured {

@@ -32,6 +32,48 @@ impl ChangeList {
         }
         crate::model::extent::validate(&self.extents, disk_size)
     }
+
+    /// The list with `reads` (sorted, non-overlapping) added as data where
+    /// it lists nothing: what it lists, data or zero, stands.
+    pub fn with_reads(&self, reads: &[ByteRange]) -> ChangeList {
+        let mut extents = self.extents.clone();
+        let mut listed = self.extents.iter().map(|e| e.range()).peekable();
+        for r in reads {
+            let mut pos = r.offset;
+            while let Some(l) = listed.peek().copied() {
+                if l.end() <= pos {
+                    listed.next();
+                    continue;
+                }
+                if l.offset >= r.end() {
+                    break;
+                }
+                if l.offset > pos {
+                    extents.push(Extent::new(
+                        ByteRange::from_bounds(pos, l.offset),
+                        ExtentKind::Data,
+                    ));
+                }
+                pos = l.end();
+                if pos >= r.end() {
+                    break;
+                }
+                listed.next();
+            }
+            if pos < r.end() {
+                extents.push(Extent::new(
+                    ByteRange::from_bounds(pos, r.end()),
+                    ExtentKind::Data,
+                ));
+            }
+        }
+        extents.sort_by_key(|e| e.offset);
+        ChangeList {
+            origin: self.origin.clone(),
+            size: self.size,
+            extents: coalesce(extents),
+        }
+    }
 }
 
 pub fn parse_file(path: &Path) -> Result<ChangeList> {
@@ -176,6 +218,40 @@ fn nbdinfo_extents(entries: &[NbdinfoEntry]) -> std::result::Result<Vec<Extent>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_fill_only_what_is_not_listed() {
+        let e = |o, l, k| Extent::new(ByteRange::new(o, l), k);
+        let list = ChangeList {
+            origin: "t".into(),
+            size: None,
+            extents: vec![
+                e(10, 10, ExtentKind::Data),
+                e(30, 10, ExtentKind::Zero),
+                e(100, 5, ExtentKind::Data),
+            ],
+        };
+        let r = |o, l| ByteRange::new(o, l);
+        let got = list.with_reads(&[r(0, 50), r(60, 10), r(102, 1)]);
+        assert_eq!(
+            got.extents,
+            vec![
+                e(0, 30, ExtentKind::Data),
+                e(30, 10, ExtentKind::Zero),
+                e(40, 10, ExtentKind::Data),
+                e(60, 10, ExtentKind::Data),
+                e(100, 5, ExtentKind::Data),
+            ]
+        );
+        assert_eq!(list.with_reads(&[]), list);
+        assert!(validate_sorted(&got.extents));
+    }
+
+    fn validate_sorted(extents: &[Extent]) -> bool {
+        extents
+            .windows(2)
+            .all(|w| w[0].offset + w[0].length <= w[1].offset)
+    }
 
     fn data(offset: u64, length: u64) -> Extent {
         Extent::new(ByteRange::new(offset, length), ExtentKind::Data)

@@ -37,6 +37,12 @@ pub trait Source: Sync {
     }
     /// Everything has been read; called before the snapshot is committed.
     fn finished(&self) {}
+    /// Whether any offset reads the disk's current bytes (a file, a device,
+    /// an NBD export), so that a backup can read its parent's damaged
+    /// ranges again; not so for what a push wrote.
+    fn reads_anywhere(&self) -> bool {
+        true
+    }
 }
 
 /// A raw image file or a block device.

@@ -6,6 +6,10 @@
 //! remount. Inode numbers are stable for the life of the mount, and a file's
 //! image map is loaded once, on first use. Images never change, so the
 //! kernel may keep their pages (`FOPEN_KEEP_CACHE`) and attributes.
+//!
+//! While an image is open, its map is pinned (`store::pins`) so that gc,
+//! which may run at any time, keeps its chunks even if the snapshot is
+//! forgotten meanwhile.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -15,8 +19,8 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, Request,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, Request,
 };
 
 use crate::error::Result;
@@ -25,6 +29,7 @@ use crate::model::extent::ByteRange;
 use crate::model::image_map::{ImageMap, Piece};
 use crate::model::snapshot::SnapshotInfo;
 use crate::store::image::{self, ChunkCache};
+use crate::store::pins::PinDir;
 use crate::store::repo::Repository;
 
 /// Images and their JSON never change: let the kernel cache them long.
@@ -90,6 +95,9 @@ impl Tree {
 
 pub struct ImageFs {
     repo: Arc<Repository>,
+    /// Where open images are pinned, and how many opens each has.
+    pins: PinDir,
+    open_images: Mutex<HashMap<u64, usize>>,
     tree: RwLock<Tree>,
     cache: Arc<ChunkCache>,
     /// Where each inode's last read ended, to spot sequential readers.
@@ -101,7 +109,7 @@ pub struct ImageFs {
 }
 
 impl ImageFs {
-    pub fn new(repo: Arc<Repository>) -> Result<Self> {
+    pub fn new(repo: Arc<Repository>, pins: PinDir) -> Result<Self> {
         let cache = Arc::new(ChunkCache::new(CACHE_BYTES));
         let (tx, rx) = sync_channel::<ChunkId>(256);
         let rx = Arc::new(Mutex::new(rx));
@@ -116,6 +124,8 @@ impl ImageFs {
         }
         let fs = ImageFs {
             repo,
+            pins,
+            open_images: Mutex::new(HashMap::new()),
             tree: RwLock::new(Tree::default()),
             cache,
             last_read: Mutex::new(HashMap::new()),
@@ -192,6 +202,42 @@ impl ImageFs {
         }
         let map = Arc::new(self.repo.image_map(&file.info)?);
         Ok(file.map.get_or_init(|| map).clone())
+    }
+
+    /// Count an open of image `ino`; the first pins its map against gc.
+    fn open_image(&self, ino: u64, file: &SnapFile) -> Result<(), Errno> {
+        let mut open = self.open_images.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&ino) {
+            *n += 1;
+            return Ok(());
+        }
+        let map = self.map_of(file).map_err(|e| errno_of(&e))?;
+        self.pins.pin(ino, &map).map_err(|e| errno_of(&e))?;
+        // Forgotten between loading the map and the pin, a gc may have
+        // missed both: the open fails rather than read deleted chunks.
+        let still_there = self
+            .repo
+            .catalog()
+            .get(&file.info.disk, &file.info.id)
+            .map_err(|e| errno_of(&e))?
+            .is_some();
+        if !still_there {
+            self.pins.unpin(ino);
+            return Err(Errno::ENOENT);
+        }
+        open.insert(ino, 1);
+        Ok(())
+    }
+
+    fn release_image(&self, ino: u64) {
+        let mut open = self.open_images.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&ino);
+                self.pins.unpin(ino);
+            }
+        }
     }
 
     fn json_of(&self, file: &SnapFile) -> Result<Arc<Vec<u8>>> {
@@ -372,13 +418,31 @@ impl Filesystem for ImageFs {
             return reply.error(Errno::EROFS);
         }
         match self.entry(ino.0) {
-            Some(Entry::Image(_)) | Some(Entry::Json(_)) => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
-            }
+            Some(Entry::Image(f)) => match self.open_image(ino.0, &f) {
+                Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(e),
+            },
+            Some(Entry::Json(_)) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Some(Entry::Dir) => reply.error(Errno::EISDIR),
             Some(Entry::Link(_)) => reply.error(Errno::ELOOP),
             None => reply.error(Errno::ENOENT),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(Entry::Image(_)) = self.entry(ino.0) {
+            self.release_image(ino.0);
+        }
+        reply.ok();
     }
 
     fn read(

@@ -14,6 +14,7 @@ use fuser::{Config, MountOption, Session, SessionACL};
 use crate::error::{Error, IoContext, Result};
 use crate::serve::fusefs::ImageFs;
 use crate::store::lock::{Activity, Registration};
+use crate::store::pins::PinDir;
 use crate::store::repo::Repository;
 
 #[derive(Debug, Clone, Default)]
@@ -60,7 +61,7 @@ pub fn serve(
     let mnt = mnt
         .canonicalize()
         .ctx(|| format!("mount point {}", mnt.display()))?;
-    let _registration = Registration::new(
+    let registration = Registration::new(
         repo.root(),
         Activity::Mount,
         &format!("mount {}", mnt.display()),
@@ -68,7 +69,8 @@ pub fn serve(
     // Block the signals before any thread starts, so that every thread
     // inherits the mask and only the signal thread below receives them.
     let signals = block_signals()?;
-    let fs = ImageFs::new(Arc::new(repo))?;
+    let pins = PinDir::create(repo.root(), &registration.holder)?;
+    let fs = ImageFs::new(Arc::new(repo), pins)?;
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,

@@ -14,14 +14,24 @@ use std::sync::Mutex;
 
 use crate::error::{Error, IoContext, Result};
 use crate::model::chunk_id::ChunkId;
-use crate::model::extent::ByteRange;
 use crate::model::extent::GRANULARITY;
+use crate::model::extent::{merge_touching, ByteRange};
 use crate::model::image_map::{ImageMap, Piece, Segment};
 use crate::model::snapshot::SnapshotInfo;
 use crate::store::chunk::is_zero;
 use crate::store::repo::Repository;
 
-pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<()> {
+/// What a restore could not write: ranges of the image whose chunks are
+/// damaged, left as zeroes, and why.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub damaged: Vec<ByteRange>,
+    pub reasons: Vec<String>,
+}
+
+/// Write the image of `info` to `target`. Damaged chunks do not stop it: their
+/// ranges are left zero and returned, the rest is written.
+pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<Restored> {
     let map = repo.image_map(info)?;
     let (file, readable) = open_target(target).ctx(|| format!("open {}", target.display()))?;
     let meta = file
@@ -50,19 +60,24 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
     }
     let out = Output {
         file: &file,
+        path: target,
         turn: Mutex::new(()),
         prefault: readable && !block_device,
     };
     let bar = crate::progress::bytes(map.data_bytes(), &format!("restore {}", info.reference()));
-    write_data(repo, &map, &out, !block_device, &|n| bar.inc(n))?;
+    let mut restored = write_data(repo, &map, &out, !block_device, &|n| bar.inc(n))?;
     bar.finish_and_clear();
+    restored.damaged = merge_touching(restored.damaged);
+    if block_device {
+        zero_ranges(&file, &restored.damaged)?;
+    }
     // Like cp, dd and qemu-img convert, a file is left to the kernel's
     // writeback; a device is flushed, since it is often detached next.
     if block_device {
         file.sync_all()
             .ctx(|| format!("fsync {}", target.display()))?;
     }
-    Ok(())
+    Ok(restored)
 }
 
 /// Open for writing, and for reading too where allowed (for the prefault,
@@ -125,8 +140,13 @@ fn zero_gaps(file: &File, map: &ImageMap) -> Result<()> {
     if pos < map.size {
         gaps.push(ByteRange::from_bounds(pos, map.size));
     }
+    zero_ranges(file, &gaps)
+}
+
+/// Write zeroes over `ranges`, by `fallocate(ZERO_RANGE)` where supported.
+fn zero_ranges(file: &File, ranges: &[ByteRange]) -> Result<()> {
     let zeroes = vec![0u8; 1 << 20];
-    for g in gaps {
+    for g in ranges {
         // SAFETY: fallocate on a descriptor we own.
         let rc = unsafe {
             libc::fallocate(
@@ -161,6 +181,7 @@ fn zero_gaps(file: &File, map: &ImageMap) -> Result<()> {
 /// for two); under the inode lock it is paid on one core, here on all.
 struct Output<'a> {
     file: &'a File,
+    path: &'a Path,
     turn: Mutex<()>,
     prefault: bool,
 }
@@ -175,20 +196,21 @@ impl Output<'_> {
         let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
         self.file
             .write_all_at(data, offset)
-            .ctx(|| format!("write at {offset}"))
+            .ctx(|| format!("write {} at offset {offset}", self.path.display()))
     }
 }
 
 /// Write every data segment, on all cores. Segments are handed out by an
 /// atomic index; each worker keeps the chunk it decoded last, since
-/// consecutive segments usually come from the same chunk.
+/// consecutive segments usually come from the same chunk. Runs whose chunk
+/// is damaged are skipped and returned.
 fn write_data(
     repo: &Repository,
     map: &ImageMap,
     out: &Output,
     skip_zero_blocks: bool,
     progress: &(dyn Fn(u64) + Sync),
-) -> Result<()> {
+) -> Result<Restored> {
     // Reading chunk files from a cold cache waits on the disk: more threads
     // than cores keep several reads in flight while others decode. Cold
     // restores of the bench image, alternated: 4 per core 3.47-3.86 s,
@@ -201,6 +223,7 @@ fn write_data(
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let damaged = Mutex::new(Restored::default());
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
@@ -211,6 +234,11 @@ fn write_data(
                     };
                     match write_run(repo, out, run, &mut buf, skip_zero_blocks) {
                         Ok(n) => progress(n),
+                        Err(Error::BadChunk { hash, message }) => {
+                            let mut d = damaged.lock().unwrap_or_else(|p| p.into_inner());
+                            d.damaged.extend(run.iter().map(|seg| seg.range));
+                            d.reasons.push(format!("chunk {hash}: {message}"));
+                        }
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);
                             first_error
@@ -225,7 +253,11 @@ fn write_data(
     });
     match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
-        None => Ok(()),
+        None => {
+            let mut d = damaged.into_inner().unwrap_or_else(|p| p.into_inner());
+            d.damaged.sort();
+            Ok(d)
+        }
     }
 }
 

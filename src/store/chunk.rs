@@ -13,6 +13,7 @@
 //! than one `fsync` per chunk.
 
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::ffi::{CStr, CString};
 use std::fs;
 use std::os::unix::fs::OpenOptionsExt;
@@ -23,6 +24,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, IoContext, Result};
 use crate::model::chunk_id::ChunkId;
+use crate::store::quarantine::{Quarantine, Taken};
 
 /// Chunks never exceed this many bytes of raw data.
 pub const MAX_CHUNK_SIZE: usize = 4 << 20;
@@ -173,6 +175,7 @@ pub struct ChunkStore {
     /// touched, created and linked relative to them, which spares a walk
     /// down the whole path per system call.
     subdirs: Arc<Vec<OnceLock<fs::File>>>,
+    quarantine: Quarantine,
 }
 
 /// The result of storing a chunk.
@@ -184,11 +187,13 @@ pub struct PutOutcome {
 }
 
 impl ChunkStore {
-    pub fn new(dir: PathBuf, level: i32) -> Self {
+    /// The store in `dir`, moving damaged chunks to `damaged`.
+    pub fn new(dir: PathBuf, damaged: PathBuf, level: i32) -> Self {
         ChunkStore {
             dir,
             level,
             subdirs: Arc::new((0..=255).map(|_| OnceLock::new()).collect()),
+            quarantine: Quarantine::new(damaged),
         }
     }
 
@@ -251,8 +256,24 @@ impl ChunkStore {
         })
     }
 
-    /// Read and decode a chunk, checking its hash.
+    /// Read and decode a chunk, checking its hash. A chunk found damaged or
+    /// missing is moved out of use (see `quarantine`) before the error
+    /// returns.
     pub fn get_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()> {
+        match self.read_into(id, into) {
+            Err(Error::BadChunk { hash, message }) => {
+                let message = match self.quarantine(id) {
+                    Ok(Some(taken)) => format!("{message}; {}", taken.describe()),
+                    Ok(None) => message,
+                    Err(e) => format!("{message}; moving it out of use failed: {e}"),
+                };
+                Err(Error::BadChunk { hash, message })
+            }
+            other => other,
+        }
+    }
+
+    fn read_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()> {
         let dir = self.subdir(id.0[0])?;
         FILE_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
@@ -263,12 +284,46 @@ impl ChunkStore {
                 }
                 other => other,
             };
-            let body = read.map_err(|e| Error::BadChunk {
-                hash: id.to_hex(),
-                message: format!("cannot read {}: {e}", self.path(id).display()),
+            let body = read.map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::BadChunk {
+                    hash: id.to_hex(),
+                    message: format!("missing: {} does not exist", self.path(id).display()),
+                },
+                // Not damage: a transient or local failure (EIO, EMFILE...)
+                // must not move a chunk out of use.
+                _ => Error::io(format!("read {}", self.path(id).display()), e),
             })?;
             decode(id, &buf[body], into)
         })
+    }
+
+    /// Move a chunk that failed to read out of use, so that no backup
+    /// deduplicates onto it: the next one that meets its data stores it
+    /// anew. `None` when it read whole after all (a backup stored it anew
+    /// between the failed read and now).
+    pub fn quarantine(&self, id: &ChunkId) -> Result<Option<Taken>> {
+        let taken = self.quarantine.take(&self.path(id), id)?;
+        crate::testhook::pause("quarantine:taken");
+        if taken == Taken::Moved {
+            let mut buf = Vec::new();
+            let moved = fs::read(self.quarantine.path(id));
+            if moved.is_ok_and(|body| decode(id, &body, &mut buf).is_ok()) {
+                self.quarantine.give_back(&self.path(id), id)?;
+                return Ok(None);
+            }
+        }
+        log::warn!("chunk {id} is damaged; moved out of use");
+        Ok(Some(taken))
+    }
+
+    /// Chunks on record as damaged and not stored anew since.
+    pub fn damaged(&self) -> Result<HashSet<ChunkId>> {
+        self.quarantine.unhealed(|id| self.contains(id))
+    }
+
+    /// The record of damaged chunks.
+    pub fn quarantined(&self) -> &Quarantine {
+        &self.quarantine
     }
 
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
@@ -546,7 +601,7 @@ mod tests {
     fn scratch_store() -> (tempfile::TempDir, ChunkStore) {
         let dir = tempfile::tempdir().unwrap();
         ChunkStore::create_layout(dir.path()).unwrap();
-        let store = ChunkStore::new(dir.path().to_path_buf(), 1);
+        let store = ChunkStore::new(dir.path().to_path_buf(), dir.path().join("damaged"), 1);
         (dir, store)
     }
 
@@ -634,37 +689,49 @@ mod tests {
     }
 
     #[test]
-    fn damage_is_detected() {
+    fn damage_is_detected_and_moved_out_of_use() {
         let (_dir, store) = scratch_store();
-        let id = store.put(&b"abc".repeat(1000)).unwrap().id;
+        let data = b"abc".repeat(1000);
+        let id = store.put(&data).unwrap().id;
         let path = store.path(&id);
         let good = fs::read(&path).unwrap();
-        // A flipped bit in the payload, in the padding, or a length that
-        // points past the end.
-        let mut body = good.clone();
-        body[HEADER_LEN + 2] ^= 1;
-        fs::write(&path, &body).unwrap();
-        assert!(store.get(&id).is_err());
-        let mut body = good.clone();
-        let last = body.len() - 1;
-        body[last] ^= 1;
-        fs::write(&path, &body).unwrap();
-        assert!(store.get(&id).unwrap_err().to_string().contains("padding"));
-        let mut body = good.clone();
-        body[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        fs::write(&path, &body).unwrap();
-        assert!(store
-            .get(&id)
-            .unwrap_err()
-            .to_string()
-            .contains("truncated"));
-        fs::write(&path, &body[..3]).unwrap();
-        assert!(store.get(&id).unwrap_err().to_string().contains("header"));
+        let mut flipped = good.clone();
+        flipped[HEADER_LEN + 2] ^= 1;
+        let mut padding = good.clone();
+        *padding.last_mut().unwrap() ^= 1;
+        let mut long = good.clone();
+        long[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        // A flipped bit in the payload, in the padding, a length that points
+        // past the end, a cut header.
+        for (body, why) in [
+            (&flipped[..], "decompress"),
+            (&padding[..], "padding"),
+            (&long[..], "truncated"),
+            (&long[..3], "header"),
+        ] {
+            fs::write(&path, body).unwrap();
+            let err = store.get(&id).unwrap_err().to_string();
+            assert!(
+                err.contains(why) && err.contains("moved out of use"),
+                "{err}"
+            );
+            // Out of use: the name is free, the body kept aside, and the
+            // chunk on record until a put stores it again.
+            assert!(!path.exists());
+            assert_eq!(fs::read(store.quarantined().path(&id)).unwrap(), body);
+            assert_eq!(store.damaged().unwrap(), HashSet::from([id]));
+            assert!(store.put(&data).unwrap().stored > 0, "not deduplicated");
+            assert_eq!(store.get(&id).unwrap(), data);
+            assert!(store.damaged().unwrap().is_empty());
+        }
         fs::remove_file(&path).unwrap();
-        assert!(store
-            .get(&id)
-            .unwrap_err()
-            .to_string()
-            .contains("cannot read"));
+        let err = store.get(&id).unwrap_err().to_string();
+        assert!(err.contains("missing") && err.contains("recorded"), "{err}");
+        assert_eq!(store.damaged().unwrap(), HashSet::from([id]));
+        // A chunk that reads whole again when it is moved (stored anew after
+        // the failed read) goes back under its name.
+        store.put(&data).unwrap();
+        assert_eq!(store.quarantine(&id).unwrap(), None);
+        assert_eq!(store.get(&id).unwrap(), data);
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! - Backups, receives and mounts each hold a [`Registration`]: the file
 //!   `locks/<pid>.<kind>` with their start time, locked shared for their
-//!   whole life. gc reads them to keep what running backups wrote, and
-//!   refuses to delete anything while a mount is live.
+//!   whole life. gc reads them to keep what running backups wrote and to
+//!   tell live mounts' pins (`store::pins`) from those of dead ones.
 //! - forget, prune, gc and repair take the [`MaintenanceLock`]: one at a time.
 
 use std::fs::{self, File, OpenOptions};

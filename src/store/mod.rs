@@ -7,4 +7,6 @@ pub mod chunk;
 pub mod image;
 pub mod lock;
 pub mod manifest;
+pub mod pins;
+pub mod quarantine;
 pub mod repo;

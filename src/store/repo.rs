@@ -19,7 +19,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::model::image_map::ImageMap;
+use crate::model::extent::{merge_touching, ByteRange};
+use crate::model::image_map::{ImageMap, Piece};
 use crate::model::name::{DiskName, Selector, SnapshotId, SnapshotRef};
 use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
 use crate::store::catalog::{Catalog, SnapshotRecord};
@@ -84,7 +85,7 @@ impl Repository {
         fs::set_permissions(root, fs::Permissions::from_mode(0o700))
             .ctx(|| format!("chmod {}", root.display()))?;
         ChunkStore::create_layout(&root.join("chunks"))?;
-        for dir in ["manifests", "locks", "tmp"] {
+        for dir in ["manifests", "locks", "tmp", "damaged"] {
             fs::create_dir_all(root.join(dir)).ctx(|| format!("create {dir}"))?;
         }
         Catalog::open(&root.join("catalog.db"))?;
@@ -120,7 +121,7 @@ impl Repository {
         let catalog = Catalog::open(&root.join("catalog.db"))?;
         Ok(Repository {
             root: root.to_path_buf(),
-            chunks: ChunkStore::new(root.join("chunks"), config.zstd_level),
+            chunks: ChunkStore::new(root.join("chunks"), root.join("damaged"), config.zstd_level),
             config,
             catalog: Mutex::new(catalog),
         })
@@ -172,6 +173,21 @@ impl Repository {
 
     pub fn image_map(&self, info: &SnapshotInfo) -> Result<ImageMap> {
         Ok(self.maps(info)?.1)
+    }
+
+    /// The ranges of `image` whose chunks are on record as damaged (see
+    /// `store::quarantine`), merged, in order.
+    pub fn damaged_ranges(&self, image: &ImageMap) -> Result<Vec<ByteRange>> {
+        let damaged = self.chunks.damaged()?;
+        if damaged.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(merge_touching(image.segments.iter().filter_map(
+            |s| match s.piece {
+                Piece::Data { chunk, .. } if damaged.contains(&chunk) => Some(s.range),
+                _ => None,
+            },
+        )))
     }
 
     pub fn manifest(&self, info: &SnapshotInfo) -> Result<Manifest> {

@@ -161,6 +161,28 @@ impl Source for Staging {
     fn finished(&self) {
         let _ = self.file.set_len(0);
     }
+    fn reads_anywhere(&self) -> bool {
+        false
+    }
+}
+
+/// QEMU pushes only what its bitmap marks dirty: an incremental on a parent
+/// with damaged ranges would inherit the damage. Refused before anything is
+/// written, so the job fails at once instead of after the copy.
+fn refuse_damaged_parent(repo: &Repository, parent: &SnapshotInfo, map: &ImageMap) -> Result<()> {
+    let damaged = repo.damaged_ranges(map)?;
+    match damaged.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::invalid(format!(
+            "the parent {} has damaged ranges ({} bytes, the first at {}+{}): an incremental \
+             push onto it would inherit them; push a full backup instead (receive without \
+             --incremental, blockdev-backup with sync=full)",
+            parent.reference(),
+            damaged.iter().map(|r| r.length).sum::<u64>(),
+            first.offset,
+            first.length
+        ))),
+    }
 }
 
 enum Outcome {
@@ -213,6 +235,9 @@ pub fn receive(
         (None, _) => return Err(Error::invalid("a full receive needs --size BYTES")),
     };
     let base = parent.as_ref().map(|p| repo.image_map(p)).transpose()?;
+    if let (Some(p), Some(map)) = (&parent, &base) {
+        refuse_damaged_parent(repo, p, map)?;
+    }
     let listener = Listener::bind(&listen.endpoint)?;
     ready();
     let mut n = 0;
