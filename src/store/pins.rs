@@ -138,7 +138,7 @@ mod tests {
         let stale = PinDir::create(root.path(), &dead).unwrap();
         stale.pin(1, &map(b)).unwrap();
         std::mem::forget(stale); // as if its process had died
-        let got = pinned_chunks(root.path(), &[live.clone()]).unwrap();
+        let got = pinned_chunks(root.path(), std::slice::from_ref(&live)).unwrap();
         assert_eq!(got, HashSet::from([a]));
         assert!(!root.path().join("pins").join(dir_name(&dead)).exists());
         pins.unpin(7);

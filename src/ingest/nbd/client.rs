@@ -246,8 +246,9 @@ impl Client {
                     .ok_or_else(|| self.err(format!("reply to unknown request {cookie}")))?;
                 if error != 0 {
                     return Err(self.err(format!(
-                        "READ at {} failed: error {error}",
-                        reads[i].0 + start as u64
+                        "READ of {len} bytes at offset {} failed: the server answered error {}",
+                        reads[i].0 + start as u64,
+                        error_name(error)
                     )));
                 }
                 self.stream
@@ -291,7 +292,7 @@ impl Client {
                         let mut payload = vec![0u8; length.min(MAX_OPTION as usize)];
                         s.read_exact(&mut payload).map_err(io(&uri, "READ"))?;
                         return Err(self.err(format!(
-                            "READ at {req_offset} failed: {}",
+                            "READ of {len} bytes at offset {req_offset} failed: {}",
                             error_text(&payload)
                         )));
                     }
@@ -337,7 +338,10 @@ impl Client {
                 if magic == SIMPLE_REPLY_MAGIC {
                     let error = u32_be(s).map_err(io(&uri, "BLOCK_STATUS"))?;
                     u64_be(s).map_err(io(&uri, "BLOCK_STATUS"))?;
-                    return Err(self.err(format!("BLOCK_STATUS failed: error {error}")));
+                    return Err(self.err(format!(
+                        "BLOCK_STATUS failed: the server answered error {}",
+                        error_name(error)
+                    )));
                 }
                 if magic != STRUCTURED_REPLY_MAGIC {
                     return Err(self.err(format!("bad reply magic {magic:#x}")));
@@ -399,10 +403,11 @@ fn error_text(payload: &[u8]) -> String {
         let code = u32::from_be_bytes(payload[..4].try_into().expect("4"));
         let n = (u16::from_be_bytes(payload[4..6].try_into().expect("2")) as usize)
             .min(payload.len() - 6);
-        format!(
-            "error {code}: {}",
-            String::from_utf8_lossy(&payload[6..6 + n])
-        )
+        let message = String::from_utf8_lossy(&payload[6..6 + n]);
+        match message.trim() {
+            "" => format!("the server answered error {}", error_name(code)),
+            m => format!("the server answered error {}: {m}", error_name(code)),
+        }
     } else {
         "error".to_string()
     }

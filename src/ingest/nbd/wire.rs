@@ -56,6 +56,23 @@ pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 
+/// An NBD error code as a reader would want it: `EIO (5, input/output
+/// error)`. The codes are the protocol's, not the host's.
+pub fn error_name(code: u32) -> String {
+    let name = match code {
+        1 => "EPERM, operation not permitted",
+        EIO => "EIO, input/output error",
+        12 => "ENOMEM, out of memory",
+        EINVAL => "EINVAL, invalid argument",
+        ENOSPC => "ENOSPC, no space left on device",
+        75 => "EOVERFLOW, value too large",
+        95 => "ENOTSUP, not supported",
+        108 => "ESHUTDOWN, server is shutting down",
+        _ => "unknown error",
+    };
+    format!("{code} ({name})")
+}
+
 /// The largest READ/WRITE payload either side accepts.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// The largest option payload accepted during the handshake.
