@@ -529,3 +529,39 @@ fn killed_verify_while_quarantining() {
         env.assert_restores(snap, truth);
     }
 }
+
+/// Damage nobody has verified yet, met by a backup's check of the ranges
+/// its change list calls unchanged: the check moves the chunk out of use and
+/// the backup reads those ranges from the source instead of failing. The
+/// victim is the incremental's own chunk, which holds pieces of two cells,
+/// so the check must read it (a whole chunk is proven by its hash alone).
+#[test]
+fn unchecked_damage_met_by_the_unchanged_check() {
+    let env = Env::new();
+    let c = chain(&env);
+    let (hash, _, _) = manifest_chunks(&env, &c.snaps[1].0)
+        .into_iter()
+        .find(|(h, _, _)| {
+            !manifest_chunks(&env, &c.snaps[0].0)
+                .iter()
+                .any(|f| &f.0 == h)
+        })
+        .unwrap();
+    damage(&chunk_path(&env, &hash), Damage::Truncated);
+    let json = unrelated_change(&env, &c.state);
+    let snap = env.backup(&[
+        "--disk",
+        "d",
+        c.state.to_str().unwrap(),
+        "--changes",
+        json.to_str().unwrap(),
+        "--check-unchanged",
+        "100",
+    ]);
+    let (code, report) = verify(&env, &[]);
+    assert_eq!(code, 0, "{report}");
+    env.assert_restores(&snap, &c.state);
+    for (snap, truth) in &c.snaps {
+        env.assert_restores(snap, truth);
+    }
+}

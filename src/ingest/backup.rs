@@ -114,8 +114,7 @@ pub fn backup_with(
             } else {
                 SnapshotKind::Incremental
             };
-            let changes = with_parent_damage(repo, source, &parent, changes)?;
-            check_unchanged(repo, source, &parent, &changes, opts.check_unchanged)?;
+            let changes = checked_changes(repo, source, &parent, changes, opts.check_unchanged)?;
             (kind, Some(parent), changes.extents)
         }
     };
@@ -173,6 +172,34 @@ pub fn backup_with(
     );
     Ok(info)
 }
+
+/// The change list to back up: `changes` plus the parent's damaged ranges,
+/// checked against the parent where it says nothing changed. A parent chunk
+/// that the check finds damaged is moved out of use by the read, so the
+/// next round reads its range from the source instead of failing.
+fn checked_changes(
+    repo: &Repository,
+    source: &dyn Source,
+    parent: &SnapshotInfo,
+    changes: &ChangeList,
+    percent: f64,
+) -> Result<ChangeList> {
+    let mut rounds = 0;
+    loop {
+        let with_damage = with_parent_damage(repo, source, parent, changes)?;
+        match check_unchanged(repo, source, parent, &with_damage, percent) {
+            Err(Error::BadChunk { hash, message }) if rounds < MAX_CHECK_ROUNDS => {
+                log::warn!("the parent's chunk {hash} is damaged ({message})");
+                rounds += 1;
+            }
+            other => return other.map(|()| with_damage),
+        }
+    }
+}
+
+/// How many damaged parent chunks one backup's check steps around before it
+/// gives up (each costs a new sample): verify finds them all at once.
+const MAX_CHECK_ROUNDS: usize = 8;
 
 /// `changes` plus the ranges of the parent's image whose chunks are damaged,
 /// read again from the source so that the new snapshot is whole whatever
