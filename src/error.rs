@@ -36,6 +36,10 @@ pub enum Error {
     Busy(String),
     #[error("{0}")]
     Nbd(String),
+    #[error("wrong passphrase: no key of this repository opens with it")]
+    WrongPassphrase,
+    #[error("the repository is encrypted: {0}")]
+    NeedPassphrase(String),
 }
 
 impl Error {

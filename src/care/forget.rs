@@ -52,6 +52,7 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
             &Manifest::new(&info, &merged),
             &info.disk,
             &info.id,
+            repo.keys(),
         )?;
         rewritten.push(SnapshotRecord {
             info,
@@ -102,6 +103,7 @@ pub fn set_protected(repo: &Repository, info: &SnapshotInfo, protected: bool) ->
         &Manifest::new(&updated, &own),
         &updated.disk,
         &updated.id,
+        repo.keys(),
     )?;
     repo.catalog().write(|w| {
         w.update(&SnapshotRecord {

@@ -11,7 +11,7 @@ use crate::model::snapshot::SnapshotInfo;
 use crate::store::catalog::{Catalog, SnapshotRecord};
 use crate::store::lock::{self, MaintenanceLock};
 use crate::store::manifest;
-use crate::store::repo::Repository;
+use crate::store::repo::{self, PassphraseSource};
 
 #[derive(Debug, Default)]
 pub struct RebuildReport {
@@ -21,8 +21,14 @@ pub struct RebuildReport {
 }
 
 /// Rebuild `<repo>/catalog.db` from `<repo>/manifests`. Nothing else may use
-/// the repository meanwhile.
-pub fn rebuild_catalog(root: &std::path::Path) -> Result<RebuildReport> {
+/// the repository meanwhile. `passphrase` opens an encrypted repository's
+/// manifests.
+pub fn rebuild_catalog(
+    root: &std::path::Path,
+    passphrase: PassphraseSource,
+) -> Result<RebuildReport> {
+    let config = repo::read_config(root)?;
+    let keys = repo::unlock(root, &config, passphrase)?.map(|(keys, _)| keys);
     let _lock = MaintenanceLock::acquire(root, "repair")?;
     if let Some(h) = lock::holders(root)?.first() {
         return Err(Error::Busy(format!("the repository is in use by {h}")));
@@ -34,7 +40,7 @@ pub fn rebuild_catalog(root: &std::path::Path) -> Result<RebuildReport> {
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
-        match manifest::read(&path).and_then(|m| m.decode()) {
+        match manifest::read(&path, keys.as_deref()).and_then(|m| m.decode()) {
             Ok(x) => pending.push(x),
             Err(e) => report.skipped.push(format!("{}: {e}", path.display())),
         }
@@ -92,6 +98,6 @@ pub fn rebuild_catalog(root: &std::path::Path) -> Result<RebuildReport> {
     manifest::fsync_dir(root)?;
     report.restored = records.len();
     // Opening it proves it usable.
-    Repository::open(root)?;
+    Catalog::open(&root.join("catalog.db"))?;
     Ok(report)
 }

@@ -79,7 +79,7 @@ pub struct RepairArgs {
 
 pub fn init(cli: &Cli) -> Result<ExitCode> {
     let path = repo_path(cli)?;
-    Repository::init(&path)?;
+    Repository::init(&path, None)?;
     println!("created repository {}", path.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -226,7 +226,7 @@ pub fn gc(cli: &Cli) -> Result<ExitCode> {
 
 pub fn repair(cli: &Cli, _a: &RepairArgs) -> Result<ExitCode> {
     let path = repo_path(cli)?;
-    let r = fix::rebuild_catalog(&path)?;
+    let r = fix::rebuild_catalog(&path, &strata::store::repo::no_passphrase)?;
     for s in &r.skipped {
         eprintln!("skipped {s}");
     }

@@ -581,7 +581,14 @@ fn compare_cell(
 ) -> Result<usize> {
     let at = |b: &ByteRange| (b.offset - cell.offset) as usize..(b.end() - cell.offset) as usize;
     read_blocks(source, cell, blocks, ours)?;
-    let proven = proven_cheaply(map, cell, &merge_touching(blocks.iter().copied()), ours);
+    let id_of = |data: &[u8]| repo.chunks().id_of(data);
+    let proven = proven_cheaply(
+        map,
+        cell,
+        &merge_touching(blocks.iter().copied()),
+        ours,
+        &id_of,
+    );
     let mut proven = proven.iter().peekable();
     let mut rest = Vec::new();
     for b in blocks {
@@ -638,6 +645,7 @@ fn proven_cheaply(
     cell: ByteRange,
     read: &[ByteRange],
     ours: &[u8],
+    id_of: &dyn Fn(&[u8]) -> ChunkId,
 ) -> Vec<ByteRange> {
     let bytes =
         |r: &ByteRange| &ours[(r.offset - cell.offset) as usize..(r.end() - cell.offset) as usize];
@@ -660,7 +668,7 @@ fn proven_cheaply(
                 ByteRange::from_bounds(pos, seg.range.offset.max(pos)),
                 &mut proven,
             );
-            if skip == 0 && run.contains(&seg.range) && ChunkId::of(bytes(&seg.range)) == chunk {
+            if skip == 0 && run.contains(&seg.range) && id_of(bytes(&seg.range)) == chunk {
                 proven.push(seg.range);
             }
             pos = pos.max(seg.range.end().min(run.end()));
@@ -727,7 +735,7 @@ mod tests {
     #[test]
     fn a_group_is_one_chunk_with_zero_blocks_left_out() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&dir.path().join("repo")).unwrap();
+        let repo = Repository::init(&dir.path().join("repo"), None).unwrap();
         let g = GRANULARITY;
         // Two windows read back to back: data, zero block, data | data.
         let group = [ByteRange::new(10 * g, 3 * g), ByteRange::new(100 * g, g)];
@@ -770,20 +778,20 @@ mod tests {
         );
         let all = [cell];
         assert_eq!(
-            proven_cheaply(&map, cell, &all, &ours),
+            proven_cheaply(&map, cell, &all, &ours, &ChunkId::of),
             vec![ByteRange::new(0, 8192), ByteRange::new(12288, 4096)]
         );
         // Only what was read counts; a chunk read in part proves nothing.
         let read = [ByteRange::new(2048, 4096)];
         assert_eq!(
-            proven_cheaply(&map, cell, &read, &ours),
+            proven_cheaply(&map, cell, &read, &ours, &ChunkId::of),
             vec![ByteRange::new(2048, 2048)]
         );
         // Source bytes that differ: a nonzero hole, a changed chunk.
         ours[100] = 7;
         ours[5000] = 7;
         assert_eq!(
-            proven_cheaply(&map, cell, &all, &ours),
+            proven_cheaply(&map, cell, &all, &ours, &ChunkId::of),
             vec![ByteRange::new(12288, 4096)]
         );
     }

@@ -24,6 +24,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, IoContext, Result};
 use crate::model::chunk_id::ChunkId;
+use crate::store::crypto::{Keys, NONCE_LEN, SEAL_OVERHEAD, TAG_LEN};
 use crate::store::quarantine::{Quarantine, Taken};
 
 /// Chunks never exceed this many bytes of raw data.
@@ -34,6 +35,8 @@ const VERSION: u8 = 2;
 const VERSION_1: u8 = 1;
 const ENC_RAW: u8 = 0;
 const ENC_ZSTD: u8 = 1;
+/// Set on the encoding byte of a chunk sealed with the repository's key.
+const ENC_SEALED: u8 = 0x80;
 const HEADER_LEN: usize = 8;
 const HEADER_LEN_1: usize = 4;
 
@@ -89,37 +92,50 @@ fn padded(len: usize) -> usize {
 }
 
 /// Encode raw data as a chunk file into `out`, which must hold
-/// `padded(HEADER_LEN + data.len())` bytes; returns the body's length
-/// (header and payload). The file is `out[..padded(body)]`.
-fn encode_into(data: &[u8], level: i32, out: &mut [u8]) -> Result<usize> {
+/// `padded(HEADER_LEN + SEAL_OVERHEAD + data.len())` bytes; returns the
+/// body's length (header and payload). The file is `out[..padded(body)]`.
+/// With `seal`, the payload is sealed under the chunk's name after
+/// compression.
+fn encode_into(
+    data: &[u8],
+    level: i32,
+    seal: Option<(&Keys, &ChunkId)>,
+    out: &mut [u8],
+) -> Result<usize> {
     out[..2].copy_from_slice(&MAGIC);
     out[2] = VERSION;
+    let start = HEADER_LEN + if seal.is_some() { NONCE_LEN } else { 0 };
     // Compressed output must be smaller than the data to be worth it.
-    let room = HEADER_LEN + data.len().saturating_sub(1);
-    let len = match compress_into(data, level, &mut out[HEADER_LEN..room])? {
-        Some(n) => {
-            out[3] = ENC_ZSTD;
-            n
-        }
+    let room = start + data.len().saturating_sub(1);
+    let (mut encoding, len) = match compress_into(data, level, &mut out[start..room])? {
+        Some(n) => (ENC_ZSTD, n),
         None => {
-            out[3] = ENC_RAW;
-            out[HEADER_LEN..HEADER_LEN + data.len()].copy_from_slice(data);
-            data.len()
+            out[start..start + data.len()].copy_from_slice(data);
+            (ENC_RAW, data.len())
         }
     };
-    let payload_len = u32::try_from(len).expect("chunks are at most MAX_CHUNK_SIZE");
+    let body = match seal {
+        Some((keys, id)) => {
+            keys.seal_chunk(id, &mut out[HEADER_LEN..start + len + TAG_LEN])?;
+            encoding |= ENC_SEALED;
+            len + SEAL_OVERHEAD
+        }
+        None => len,
+    };
+    out[3] = encoding;
+    let payload_len = u32::try_from(body).expect("chunks are at most MAX_CHUNK_SIZE");
     out[4..HEADER_LEN].copy_from_slice(&payload_len.to_le_bytes());
-    out[HEADER_LEN + len..padded(HEADER_LEN + len)].fill(0);
-    Ok(HEADER_LEN + len)
+    out[HEADER_LEN + body..padded(HEADER_LEN + body)].fill(0);
+    Ok(HEADER_LEN + body)
 }
 
 /// The encoding byte and payload of a chunk file, or what is wrong with it.
-fn parse(file: &[u8]) -> std::result::Result<(u8, &[u8]), &'static str> {
+fn parse(file: &[u8]) -> std::result::Result<(u8, std::ops::Range<usize>), &'static str> {
     if file.len() < HEADER_LEN_1 || file[..2] != MAGIC {
         return Err("bad header (truncated or not a chunk)");
     }
     match file[2] {
-        VERSION_1 => Ok((file[3], &file[HEADER_LEN_1..])),
+        VERSION_1 => Ok((file[3], HEADER_LEN_1..file.len())),
         VERSION if file.len() >= HEADER_LEN => {
             let len = u32::from_le_bytes(file[4..HEADER_LEN].try_into().expect("4 bytes")) as usize;
             let end = HEADER_LEN
@@ -130,7 +146,7 @@ fn parse(file: &[u8]) -> std::result::Result<(u8, &[u8]), &'static str> {
             if !is_zero(&file[end..]) {
                 return Err("nonzero padding");
             }
-            Ok((file[3], &file[HEADER_LEN..end]))
+            Ok((file[3], HEADER_LEN..end))
         }
         _ => Err("bad header (truncated or not a chunk)"),
     }
@@ -143,14 +159,31 @@ pub fn is_zero(buf: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-/// Decode a chunk file body into `into` and check it against `id`.
-pub fn decode(id: &ChunkId, file: &[u8], into: &mut Vec<u8>) -> Result<()> {
+/// Decode a chunk file into `into` and check it against `id` (keyed by
+/// `keys` in an encrypted repository, which only accepts sealed chunks).
+/// `file` is opened in place.
+pub fn decode(
+    id: &ChunkId,
+    file: &mut [u8],
+    into: &mut Vec<u8>,
+    keys: Option<&Keys>,
+) -> Result<()> {
     let bad = |message: &str| Error::BadChunk {
         hash: id.to_hex(),
         message: message.to_string(),
     };
-    let (encoding, payload) = parse(file).map_err(bad)?;
-    match encoding {
+    let (encoding, range) = parse(file).map_err(bad)?;
+    let payload = match (encoding & ENC_SEALED != 0, keys) {
+        (true, Some(keys)) => {
+            let body = &mut file[range];
+            let open = keys.open_chunk(id, body).map_err(|e| bad(&e.to_string()))?;
+            &body[open]
+        }
+        (false, None) => &file[range],
+        (true, None) => return Err(bad("sealed (encrypted) chunk in an unencrypted repository")),
+        (false, Some(_)) => return Err(bad("not sealed, in an encrypted repository")),
+    };
+    match encoding & !ENC_SEALED {
         ENC_RAW => {
             into.clear();
             into.extend_from_slice(payload);
@@ -160,10 +193,18 @@ pub fn decode(id: &ChunkId, file: &[u8], into: &mut Vec<u8>) -> Result<()> {
         }
         _ => return Err(bad("unknown encoding")),
     }
-    if ChunkId::of(into) != *id {
+    if chunk_id(keys, into) != *id {
         return Err(bad("content does not match its hash"));
     }
     Ok(())
+}
+
+/// The name of a chunk holding `data`: keyed in an encrypted repository.
+fn chunk_id(keys: Option<&Keys>, data: &[u8]) -> ChunkId {
+    match keys {
+        Some(k) => k.chunk_id(data),
+        None => ChunkId::of(data),
+    }
 }
 
 /// Where chunks live, and how to put and get them.
@@ -176,6 +217,8 @@ pub struct ChunkStore {
     /// down the whole path per system call.
     subdirs: Arc<Vec<OnceLock<fs::File>>>,
     quarantine: Quarantine,
+    /// An encrypted repository's keys: chunk names are keyed, bodies sealed.
+    keys: Option<Arc<Keys>>,
 }
 
 /// The result of storing a chunk.
@@ -187,14 +230,21 @@ pub struct PutOutcome {
 }
 
 impl ChunkStore {
-    /// The store in `dir`, moving damaged chunks to `damaged`.
-    pub fn new(dir: PathBuf, damaged: PathBuf, level: i32) -> Self {
+    /// The store in `dir`, moving damaged chunks to `damaged`; with `keys`,
+    /// an encrypted one.
+    pub fn new(dir: PathBuf, damaged: PathBuf, level: i32, keys: Option<Arc<Keys>>) -> Self {
         ChunkStore {
             dir,
             level,
             subdirs: Arc::new((0..=255).map(|_| OnceLock::new()).collect()),
             quarantine: Quarantine::new(damaged),
+            keys,
         }
+    }
+
+    /// The name of a chunk holding `data` in this store.
+    pub fn id_of(&self, data: &[u8]) -> ChunkId {
+        chunk_id(self.keys.as_deref(), data)
     }
 
     /// The open subdirectory holding chunks whose hash starts with `byte`.
@@ -231,7 +281,7 @@ impl ChunkStore {
 
     /// Store `data` unless a chunk with its hash exists already.
     pub fn put(&self, data: &[u8]) -> Result<PutOutcome> {
-        let id = ChunkId::of(data);
+        let id = self.id_of(data);
         let dir = self.subdir(id.0[0])?;
         let name = FileName::new(&id, None);
         let name = name.as_c();
@@ -242,10 +292,11 @@ impl ChunkStore {
         }
         let stored = WRITE_BUF.with(|cell| -> Result<usize> {
             let mut buf = cell.borrow_mut();
-            let need = padded(HEADER_LEN + data.len());
+            let need = padded(HEADER_LEN + SEAL_OVERHEAD + data.len());
             let start = aligned_start(&mut buf, need);
             let out = &mut buf[start..start + need];
-            let len = encode_into(data, self.level, out)?;
+            let seal = self.keys.as_deref().map(|k| (k, &id));
+            let len = encode_into(data, self.level, seal, out)?;
             create_file(dir, name, &out[..padded(len)])
                 .ctx(|| format!("write {}", self.path(&id).display()))?;
             Ok(len)
@@ -293,7 +344,7 @@ impl ChunkStore {
                 // must not move a chunk out of use.
                 _ => Error::io(format!("read {}", self.path(id).display()), e),
             })?;
-            decode(id, &buf[body], into)
+            decode(id, &mut buf[body], into, self.keys.as_deref())
         })
     }
 
@@ -307,7 +358,9 @@ impl ChunkStore {
         if taken == Taken::Moved {
             let mut buf = Vec::new();
             let moved = fs::read(self.quarantine.path(id));
-            if moved.is_ok_and(|body| decode(id, &body, &mut buf).is_ok()) {
+            if moved
+                .is_ok_and(|mut body| decode(id, &mut body, &mut buf, self.keys.as_deref()).is_ok())
+            {
                 self.quarantine.give_back(&self.path(id), id)?;
                 return Ok(None);
             }
@@ -601,7 +654,12 @@ mod tests {
     fn scratch_store() -> (tempfile::TempDir, ChunkStore) {
         let dir = tempfile::tempdir().unwrap();
         ChunkStore::create_layout(dir.path()).unwrap();
-        let store = ChunkStore::new(dir.path().to_path_buf(), dir.path().join("damaged"), 1);
+        let store = ChunkStore::new(
+            dir.path().to_path_buf(),
+            dir.path().join("damaged"),
+            1,
+            None,
+        );
         (dir, store)
     }
 
@@ -648,7 +706,7 @@ mod tests {
         let id = ChunkId::of(&data);
         let mut body = vec![0u8; padded(HEADER_LEN + data.len()) + DIRECT_ALIGN];
         let start = aligned_start(&mut body, padded(HEADER_LEN + data.len()));
-        let len = encode_into(&data, 1, &mut body[start..]).unwrap();
+        let len = encode_into(&data, 1, None, &mut body[start..]).unwrap();
         let name = CString::new(id.to_hex()).unwrap();
         create_renamed(
             store.subdir(id.0[0]).unwrap(),

@@ -17,6 +17,7 @@ use crate::model::extent::{ByteRange, Extent, ExtentDoc, ExtentKind, EXTENTS_FOR
 use crate::model::image_map::{ImageMap, Piece, Segment};
 use crate::model::name::{DiskName, SnapshotId};
 use crate::model::snapshot::{format_time, parse_time, SnapshotInfo, SnapshotKind};
+use crate::store::crypto::{from_hex, to_hex, Keys};
 
 pub const MANIFEST_FORMAT: &str = "strata-manifest/1";
 
@@ -150,13 +151,42 @@ pub fn manifest_path(dir: &Path, disk: &DiskName, id: &SnapshotId) -> PathBuf {
     dir.join(disk.as_str()).join(format!("{id}.json"))
 }
 
-/// Write a manifest durably: temporary file, fsync, rename, fsync the directory.
-pub fn write(dir: &Path, m: &Manifest, disk: &DiskName, id: &SnapshotId) -> Result<PathBuf> {
+/// An encrypted repository's manifest file: only the name of the snapshot
+/// in clear, the manifest sealed and bound to that name.
+#[derive(Serialize, Deserialize)]
+struct SealedManifest {
+    format: String,
+    disk: String,
+    snapshot: String,
+    /// Nonce, sealed manifest JSON and tag, in hex.
+    sealed: String,
+}
+
+pub const SEALED_FORMAT: &str = "strata-sealed-manifest/1";
+
+/// Write a manifest durably: temporary file, fsync, rename, fsync the
+/// directory. With `keys`, sealed.
+pub fn write(
+    dir: &Path,
+    m: &Manifest,
+    disk: &DiskName,
+    id: &SnapshotId,
+    keys: Option<&Keys>,
+) -> Result<PathBuf> {
     let path = manifest_path(dir, disk, id);
     let parent = path.parent().expect("manifest path has a parent");
     fs::create_dir_all(parent).ctx(|| format!("create {}", parent.display()))?;
     let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
-    let body = serde_json::to_vec_pretty(m).expect("manifest serializes");
+    let mut body = serde_json::to_vec_pretty(m).expect("manifest serializes");
+    if let Some(keys) = keys {
+        let sealed = SealedManifest {
+            format: SEALED_FORMAT.into(),
+            disk: disk.to_string(),
+            snapshot: id.to_string(),
+            sealed: to_hex(&keys.seal_manifest(&format!("{disk}@{id}"), &body)?),
+        };
+        body = serde_json::to_vec_pretty(&sealed).expect("sealed manifest serializes");
+    }
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -173,10 +203,32 @@ pub fn write(dir: &Path, m: &Manifest, disk: &DiskName, id: &SnapshotId) -> Resu
     Ok(path)
 }
 
-pub fn read(path: &Path) -> Result<Manifest> {
+/// Read a manifest (opening it with `keys` in an encrypted repository) and
+/// check that it describes the snapshot its path names: a manifest copied
+/// over another's is damage.
+pub fn read(path: &Path, keys: Option<&Keys>) -> Result<Manifest> {
+    let bad = |m: String| Error::invalid(format!("{}: {m}", path.display()));
     let body = fs::read(path).ctx(|| format!("read {}", path.display()))?;
-    serde_json::from_slice(&body)
-        .map_err(|e| Error::invalid(format!("{}: malformed manifest: {e}", path.display())))
+    let body = match keys {
+        None => body,
+        Some(keys) => {
+            let sealed: SealedManifest = serde_json::from_slice(&body)
+                .map_err(|e| bad(format!("not a sealed manifest: {e}")))?;
+            let what = format!("{}@{}", sealed.disk, sealed.snapshot);
+            let bytes = from_hex(&sealed.sealed).ok_or_else(|| bad("malformed seal".into()))?;
+            keys.open_manifest(&what, &bytes)
+                .map_err(|e| bad(format!("sealed manifest: {e}")))?
+        }
+    };
+    let m: Manifest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("malformed manifest: {e}")))?;
+    if !path.ends_with(format!("{}/{}.json", m.disk, m.snapshot)) {
+        return Err(bad(format!(
+            "holds the manifest of {}@{}, not of the snapshot its path names",
+            m.disk, m.snapshot
+        )));
+    }
+    Ok(m)
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {

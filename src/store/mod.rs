@@ -4,7 +4,9 @@
 
 pub mod catalog;
 pub mod chunk;
+pub mod crypto;
 pub mod image;
+pub mod keys;
 pub mod lock;
 pub mod manifest;
 pub mod pins;

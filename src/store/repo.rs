@@ -13,7 +13,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,8 @@ use crate::model::name::{DiskName, Selector, SnapshotId, SnapshotRef};
 use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
 use crate::store::catalog::{Catalog, SnapshotRecord};
 use crate::store::chunk::ChunkStore;
+use crate::store::crypto::{self, Keys};
+use crate::store::keys;
 use crate::store::manifest::{self, Manifest};
 
 pub const REPO_FORMAT: &str = "strata-repo/1";
@@ -35,6 +37,27 @@ pub struct Config {
     /// Data is cut into chunks at multiples of this many bytes of the disk.
     pub chunk_size: u64,
     pub zstd_level: i32,
+    /// Present in an encrypted repository (`store::crypto`, `store::keys`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// How an encrypted repository is encrypted; the one scheme there is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    pub cipher: String,
+    pub chunk_names: String,
+    pub kdf: String,
+}
+
+impl Encryption {
+    fn current() -> Self {
+        Encryption {
+            cipher: "aes-256-gcm".into(),
+            chunk_names: "blake3-keyed".into(),
+            kdf: "argon2id".into(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -43,6 +66,7 @@ impl Default for Config {
             format: REPO_FORMAT.to_string(),
             chunk_size: 1 << 20,
             zstd_level: 1,
+            encryption: None,
         }
     }
 }
@@ -52,6 +76,18 @@ pub struct Repository {
     config: Config,
     chunks: ChunkStore,
     catalog: Mutex<Catalog>,
+    keys: Option<Arc<Keys>>,
+    /// The key file the passphrase opened.
+    key_id: Option<String>,
+}
+
+/// Where an encrypted repository's passphrase comes from; asked only when
+/// the repository turns out to be encrypted.
+pub type PassphraseSource<'a> = &'a dyn Fn() -> Result<String>;
+
+/// For plain repositories: an encrypted one cannot be opened.
+pub fn no_passphrase() -> Result<String> {
+    Err(Error::NeedPassphrase("no passphrase was given".into()))
 }
 
 /// What a backup hands over to be committed.
@@ -69,9 +105,52 @@ pub struct NewSnapshot {
     pub own: ImageMap,
 }
 
+/// The repository's `config.json`, checked.
+pub fn read_config(root: &Path) -> Result<Config> {
+    let cfg_path = root.join("config.json");
+    let body = fs::read(&cfg_path)
+        .map_err(|e| Error::NotARepository(root.to_path_buf(), e.to_string()))?;
+    let config: Config = serde_json::from_slice(&body)
+        .map_err(|e| Error::NotARepository(root.to_path_buf(), e.to_string()))?;
+    if config.format != REPO_FORMAT {
+        return Err(Error::NotARepository(
+            root.to_path_buf(),
+            format!("unknown format {:?}", config.format),
+        ));
+    }
+    if config.chunk_size == 0 || config.chunk_size > crate::store::chunk::MAX_CHUNK_SIZE as u64 {
+        return Err(Error::NotARepository(
+            root.to_path_buf(),
+            format!("bad chunk_size {}", config.chunk_size),
+        ));
+    }
+    match &config.encryption {
+        Some(e) if *e != Encryption::current() => Err(Error::NotARepository(
+            root.to_path_buf(),
+            format!("unknown encryption {e:?}"),
+        )),
+        _ => Ok(config),
+    }
+}
+
+/// The keys of an encrypted repository (and the id of the key file that
+/// opened), or `None` for a plain one.
+pub fn unlock(
+    root: &Path,
+    config: &Config,
+    passphrase: PassphraseSource,
+) -> Result<Option<(Arc<Keys>, String)>> {
+    if config.encryption.is_none() {
+        return Ok(None);
+    }
+    let (master, id) = keys::unlock(root, &passphrase()?)?;
+    Ok(Some((Arc::new(Keys::from_master(&master)), id)))
+}
+
 impl Repository {
-    /// Create a repository in `root`, which must be missing or empty.
-    pub fn init(root: &Path) -> Result<Self> {
+    /// Create a repository in `root`, which must be missing or empty; with
+    /// a passphrase, an encrypted one.
+    pub fn init(root: &Path, passphrase: Option<&str>) -> Result<Self> {
         if root.exists() {
             let mut entries = fs::read_dir(root).ctx(|| format!("read {}", root.display()))?;
             if entries.next().is_some() {
@@ -88,43 +167,64 @@ impl Repository {
         for dir in ["manifests", "locks", "tmp", "damaged"] {
             fs::create_dir_all(root.join(dir)).ctx(|| format!("create {dir}"))?;
         }
+        let mut config = Config::default();
+        if let Some(passphrase) = passphrase {
+            let mut master = [0u8; 32];
+            crypto::random(&mut master)?;
+            keys::create(root, &master, passphrase)?;
+            config.encryption = Some(Encryption::current());
+        }
         Catalog::open(&root.join("catalog.db"))?;
-        let config = Config::default();
         let body = serde_json::to_vec_pretty(&config).expect("config serializes");
         // The config is written last: its presence marks a complete repository.
         let tmp = root.join("config.json.tmp");
         fs::write(&tmp, body).ctx(|| "write config.json".into())?;
         fs::rename(&tmp, root.join("config.json")).ctx(|| "rename config.json".into())?;
         manifest::fsync_dir(root)?;
-        Self::open(root)
+        match passphrase {
+            Some(p) => Self::open_with(root, &|| Ok(p.to_string())),
+            None => Self::open(root),
+        }
     }
 
+    /// Open an unencrypted repository (an encrypted one fails: use
+    /// [`open_with`](Self::open_with)).
     pub fn open(root: &Path) -> Result<Self> {
-        let cfg_path = root.join("config.json");
-        let body = fs::read(&cfg_path)
-            .map_err(|e| Error::NotARepository(root.to_path_buf(), e.to_string()))?;
-        let config: Config = serde_json::from_slice(&body)
-            .map_err(|e| Error::NotARepository(root.to_path_buf(), e.to_string()))?;
-        if config.format != REPO_FORMAT {
-            return Err(Error::NotARepository(
-                root.to_path_buf(),
-                format!("unknown format {:?}", config.format),
-            ));
-        }
-        if config.chunk_size == 0 || config.chunk_size > crate::store::chunk::MAX_CHUNK_SIZE as u64
-        {
-            return Err(Error::NotARepository(
-                root.to_path_buf(),
-                format!("bad chunk_size {}", config.chunk_size),
-            ));
-        }
+        Self::open_with(root, &no_passphrase)
+    }
+
+    /// Open a repository, asking `passphrase` if it is encrypted.
+    pub fn open_with(root: &Path, passphrase: PassphraseSource) -> Result<Self> {
+        let config = read_config(root)?;
+        let unlocked = unlock(root, &config, passphrase)?;
         let catalog = Catalog::open(&root.join("catalog.db"))?;
+        let (keys, key_id) = match unlocked {
+            Some((keys, id)) => (Some(keys), Some(id)),
+            None => (None, None),
+        };
         Ok(Repository {
             root: root.to_path_buf(),
-            chunks: ChunkStore::new(root.join("chunks"), root.join("damaged"), config.zstd_level),
+            chunks: ChunkStore::new(
+                root.join("chunks"),
+                root.join("damaged"),
+                config.zstd_level,
+                keys.clone(),
+            ),
             config,
             catalog: Mutex::new(catalog),
+            keys,
+            key_id,
         })
+    }
+
+    /// The keys of an encrypted repository.
+    pub fn keys(&self) -> Option<&Keys> {
+        self.keys.as_deref()
+    }
+
+    /// The key file that opened this (encrypted) repository.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key_id.as_deref()
     }
 
     pub fn root(&self) -> &Path {
@@ -191,11 +291,10 @@ impl Repository {
     }
 
     pub fn manifest(&self, info: &SnapshotInfo) -> Result<Manifest> {
-        manifest::read(&manifest::manifest_path(
-            &self.manifests_dir(),
-            &info.disk,
-            &info.id,
-        ))
+        manifest::read(
+            &manifest::manifest_path(&self.manifests_dir(), &info.disk, &info.id),
+            self.keys(),
+        )
     }
 
     /// Flush everything written to the repository's file system.
@@ -247,6 +346,7 @@ impl Repository {
                 &Manifest::new(&info, &new.own),
                 &info.disk,
                 &info.id,
+                self.keys(),
             )?;
             log::debug!("manifest written");
             crate::testhook::pause("commit:manifest-written");

@@ -1,0 +1,245 @@
+//! Key files of an encrypted repository: `keys/<id>.json`, one per
+//! passphrase, each holding the master key wrapped (AES-256-GCM) with a key
+//! derived from its passphrase by Argon2id, the parameters stored beside
+//! it. Any one passphrase opens the repository; removing a key file makes
+//! its passphrase open nothing.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::store::crypto::{from_hex, random, to_hex, NONCE_LEN};
+
+pub const KEY_FORMAT: &str = "strata-key/1";
+
+/// Argon2id cost: 64 MiB and three passes take about a third of a second
+/// here, paid once per command.
+const MEMORY_KIB: u32 = 64 * 1024;
+const ITERATIONS: u32 = 3;
+const PARALLELISM: u32 = 2;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Kdf {
+    pub algorithm: String,
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+    pub salt: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyFile {
+    pub format: String,
+    pub id: String,
+    pub created: String,
+    pub kdf: Kdf,
+    pub cipher: String,
+    /// Nonce, wrapped master key and tag, in hex.
+    pub wrapped: String,
+}
+
+pub fn keys_dir(root: &Path) -> PathBuf {
+    root.join("keys")
+}
+
+/// The key that wraps the master key, from a passphrase.
+fn derive(passphrase: &str, kdf: &Kdf) -> Result<[u8; 32]> {
+    if kdf.algorithm != "argon2id" {
+        return Err(Error::invalid(format!(
+            "unknown key derivation {:?}",
+            kdf.algorithm
+        )));
+    }
+    let salt = from_hex(&kdf.salt).ok_or_else(|| Error::invalid("key file: bad salt"))?;
+    let params = argon2::Params::new(kdf.memory_kib, kdf.iterations, kdf.parallelism, Some(32))
+        .map_err(|e| Error::invalid(format!("key file: bad Argon2 parameters: {e}")))?;
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut out = [0u8; 32];
+    argon
+        .hash_password_into(passphrase.as_bytes(), &salt, &mut out)
+        .map_err(|e| Error::invalid(format!("key derivation failed: {e}")))?;
+    Ok(out)
+}
+
+fn aad(id: &str) -> Vec<u8> {
+    format!("strata key {id}").into_bytes()
+}
+
+/// Write a new key file wrapping `master` with `passphrase`.
+pub fn create(root: &Path, master: &[u8; 32], passphrase: &str) -> Result<KeyFile> {
+    if passphrase.is_empty() {
+        return Err(Error::invalid("the passphrase is empty"));
+    }
+    let mut raw = [0u8; 8];
+    random(&mut raw)?;
+    let id = to_hex(&raw);
+    let mut salt = [0u8; 16];
+    random(&mut salt)?;
+    let kdf = Kdf {
+        algorithm: "argon2id".into(),
+        memory_kib: MEMORY_KIB,
+        iterations: ITERATIONS,
+        parallelism: PARALLELISM,
+        salt: to_hex(&salt),
+    };
+    let kek = derive(passphrase, &kdf)?;
+    let mut nonce = [0u8; NONCE_LEN];
+    random(&mut nonce)?;
+    let sealed = Aes256Gcm::new(&kek.into())
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: master,
+                aad: &aad(&id),
+            },
+        )
+        .map_err(|_| Error::invalid("wrapping the key failed"))?;
+    let file = KeyFile {
+        format: KEY_FORMAT.into(),
+        id,
+        created: crate::model::snapshot::format_time(&chrono::Utc::now()),
+        kdf,
+        cipher: "aes-256-gcm".into(),
+        wrapped: to_hex(&[&nonce[..], &sealed].concat()),
+    };
+    write(root, &file)?;
+    Ok(file)
+}
+
+fn write(root: &Path, file: &KeyFile) -> Result<()> {
+    let dir = keys_dir(root);
+    fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+    let path = dir.join(format!("{}.json", file.id));
+    let tmp = path.with_extension("json.tmp");
+    let body = serde_json::to_vec_pretty(file).expect("key file serializes");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .ctx(|| format!("create {}", tmp.display()))?;
+    f.write_all(&body)
+        .and_then(|()| f.sync_all())
+        .ctx(|| format!("write {}", tmp.display()))?;
+    fs::rename(&tmp, &path).ctx(|| format!("rename {}", tmp.display()))?;
+    crate::store::manifest::fsync_dir(&dir)
+}
+
+/// Every key file, oldest first.
+pub fn list(root: &Path) -> Result<Vec<KeyFile>> {
+    let dir = keys_dir(root);
+    let mut out = Vec::new();
+    for entry in fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))? {
+        let path = entry.ctx(|| format!("list {}", dir.display()))?.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let body = fs::read(&path).ctx(|| format!("read {}", path.display()))?;
+        let file: KeyFile = serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid(format!("{}: malformed key file: {e}", path.display())))?;
+        out.push(file);
+    }
+    out.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
+    Ok(out)
+}
+
+/// The master key and the id of the key file `passphrase` opens.
+pub fn unlock(root: &Path, passphrase: &str) -> Result<([u8; 32], String)> {
+    let files = list(root)?;
+    if files.is_empty() {
+        return Err(Error::invalid(format!(
+            "{} has no key files: the repository cannot be opened",
+            keys_dir(root).display()
+        )));
+    }
+    for file in &files {
+        if let Some(master) = try_unwrap(file, passphrase)? {
+            return Ok((master, file.id.clone()));
+        }
+    }
+    Err(Error::WrongPassphrase)
+}
+
+fn try_unwrap(file: &KeyFile, passphrase: &str) -> Result<Option<[u8; 32]>> {
+    let bad = || Error::invalid(format!("key file {}: malformed wrapped key", file.id));
+    let wrapped = from_hex(&file.wrapped).ok_or_else(bad)?;
+    if wrapped.len() < NONCE_LEN {
+        return Err(bad());
+    }
+    let kek = derive(passphrase, &file.kdf)?;
+    let (nonce, sealed) = wrapped.split_at(NONCE_LEN);
+    let opened = Aes256Gcm::new(&kek.into()).decrypt(
+        Nonce::from_slice(nonce),
+        Payload {
+            msg: sealed,
+            aad: &aad(&file.id),
+        },
+    );
+    match opened {
+        Ok(master) => Ok(Some(master.try_into().map_err(|_| bad())?)),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Remove key `id`; never the last one.
+pub fn remove(root: &Path, id: &str) -> Result<()> {
+    let files = list(root)?;
+    if !files.iter().any(|f| f.id == id) {
+        return Err(Error::invalid(format!(
+            "no key {id:?}; `strata key list` shows the keys"
+        )));
+    }
+    if files.len() == 1 {
+        return Err(Error::invalid(format!(
+            "key {id} is the repository's only key; add another before removing it"
+        )));
+    }
+    let path = keys_dir(root).join(format!("{id}.json"));
+    fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
+    crate::store::manifest::fsync_dir(&keys_dir(root))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passphrases_wrap_one_master_key() {
+        let root = tempfile::tempdir().unwrap();
+        let master = [42u8; 32];
+        let a = create(root.path(), &master, "first").unwrap();
+        let b = create(root.path(), &master, "second").unwrap();
+        assert_eq!(
+            unlock(root.path(), "first").unwrap(),
+            (master, a.id.clone())
+        );
+        assert_eq!(
+            unlock(root.path(), "second").unwrap(),
+            (master, b.id.clone())
+        );
+        assert!(matches!(
+            unlock(root.path(), "third"),
+            Err(Error::WrongPassphrase)
+        ));
+        remove(root.path(), &a.id).unwrap();
+        assert!(matches!(
+            unlock(root.path(), "first"),
+            Err(Error::WrongPassphrase)
+        ));
+        assert!(remove(root.path(), &b.id)
+            .unwrap_err()
+            .to_string()
+            .contains("only key"));
+        // A wrapped key bound to another id does not open.
+        let mut moved = list(root.path()).unwrap().remove(0);
+        moved.id = "0000000000000000".into();
+        assert!(try_unwrap(&moved, "second").unwrap().is_none());
+    }
+}
