@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use serde_json::json;
 
 use strata::care::prune::{self as retention, Policy, PruneReport};
 use strata::care::verify::{self as check, Report as VerifyReport, Subset, VerifyOptions};
@@ -14,7 +15,7 @@ use strata::model::snapshot::SnapshotInfo;
 use strata::store::lock::MaintenanceLock;
 use strata::store::repo::Repository;
 
-use super::{open, repo_path, Cli};
+use super::{done_event, open, repo_path, started_event, Cli};
 
 #[derive(Args)]
 pub struct VerifyArgs {
@@ -92,6 +93,7 @@ fn resolve_all(repo: &Repository, refs: &[String]) -> Result<Vec<SnapshotInfo>> 
 }
 
 pub fn verify(cli: &Cli, a: &VerifyArgs) -> Result<ExitCode> {
+    started_event("verify", json!({"snapshots": a.snapshots}));
     let repo = open(cli)?;
     let infos = resolve_all(&repo, &a.snapshots)?;
     let opts = VerifyOptions {
@@ -109,6 +111,11 @@ pub fn verify(cli: &Cli, a: &VerifyArgs) -> Result<ExitCode> {
     } else {
         print_verify_report(&report, a.quick);
     }
+    done_event(
+        "verify",
+        json!({"ok": report.ok, "checked_snapshots": report.checked_snapshots,
+               "checked_chunks": report.checked_chunks, "damaged": report.damaged.len()}),
+    );
     Ok(if report.ok {
         ExitCode::SUCCESS
     } else {
@@ -157,6 +164,7 @@ pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<ExitCode> {
 }
 
 pub fn prune(cli: &Cli, a: &PruneArgs) -> Result<ExitCode> {
+    started_event("prune", json!({"dry_run": a.dry_run}));
     let repo = open(cli)?;
     let policy = Policy {
         last: a.keep_last,
@@ -178,6 +186,11 @@ pub fn prune(cli: &Cli, a: &PruneArgs) -> Result<ExitCode> {
     } else {
         print_prune_report(&report, a.dry_run);
     }
+    done_event(
+        "prune",
+        json!({"kept": report.plan.keep.len(), "removed": report.plan.remove.len(),
+               "freed_bytes": report.freed_bytes}),
+    );
     Ok(ExitCode::SUCCESS)
 }
 

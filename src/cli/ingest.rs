@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use serde_json::json;
 
 use strata::ingest::backup::{self, BackupOptions};
 use strata::ingest::changes;
@@ -16,7 +17,7 @@ use strata::ingest::source::FileSource;
 use strata::model::name::{DiskName, SnapshotRef};
 use strata::model::snapshot::parse_time;
 
-use super::{open, Cli};
+use super::{done_event, open, started_event, Cli};
 
 #[derive(Args)]
 pub struct BackupArgs {
@@ -85,6 +86,7 @@ pub struct ReceiveArgs {
 }
 
 pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<ExitCode> {
+    started_event("backup", json!({"disk": a.disk, "source": a.source}));
     let repo = open(cli)?;
     let disk = DiskName::parse(&a.disk)?;
     let changes = a.changes.as_deref().map(changes::parse_file).transpose()?;
@@ -124,6 +126,11 @@ pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<ExitCode> {
         backup::backup(&repo, &source, &opts)?
     };
     println!("{}", info.summary());
+    done_event(
+        "backup",
+        json!({"snapshot": info.reference(), "kind": info.kind.as_str(),
+               "size": info.size, "stored_bytes": info.stored_bytes}),
+    );
     Ok(ExitCode::SUCCESS)
 }
 
