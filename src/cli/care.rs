@@ -19,6 +19,7 @@ use super::{done_event, open, repo_path, started_event, Cli};
 
 #[derive(Args)]
 pub struct VerifyArgs {
+    /// DISK@ID or DISK@latest; none: every snapshot.
     snapshots: Vec<String>,
     /// Check presence and metadata only, without reading chunk data.
     #[arg(long)]
@@ -26,12 +27,14 @@ pub struct VerifyArgs {
     /// Read only a subset of the chunks: N/T (group N of T) or P%.
     #[arg(long)]
     read_data_subset: Option<String>,
+    /// One JSON report on stdout, for scripts.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Args)]
 pub struct ForgetArgs {
+    /// DISK@ID or DISK@latest, one or more.
     #[arg(required = true)]
     snapshots: Vec<String>,
     /// Also delete the data no snapshot references any more.
@@ -41,17 +44,23 @@ pub struct ForgetArgs {
 
 #[derive(Args)]
 pub struct PruneArgs {
-    #[arg(long)]
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N")]
     keep_last: Option<usize>,
-    #[arg(long)]
+    /// Keep the newest snapshot of each of the N most recent hours that have one.
+    #[arg(long, value_name = "N")]
     keep_hourly: Option<usize>,
-    #[arg(long)]
+    /// The same per UTC day.
+    #[arg(long, value_name = "N")]
     keep_daily: Option<usize>,
-    #[arg(long)]
+    /// The same per ISO week.
+    #[arg(long, value_name = "N")]
     keep_weekly: Option<usize>,
-    #[arg(long)]
+    /// The same per month.
+    #[arg(long, value_name = "N")]
     keep_monthly: Option<usize>,
-    #[arg(long)]
+    /// The same per year.
+    #[arg(long, value_name = "N")]
     keep_yearly: Option<usize>,
     /// Keep everything this much younger than the newest (e.g. 7d, 12h, 1y6m).
     #[arg(long)]
@@ -62,12 +71,14 @@ pub struct PruneArgs {
     /// Show what would be kept and removed; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// One JSON report on stdout, for scripts.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Args)]
 pub struct ProtectArgs {
+    /// DISK@ID or DISK@latest.
     snapshot: String,
 }
 

@@ -42,8 +42,10 @@ pub struct BackupArgs {
     /// Mark the snapshot differential.
     #[arg(long)]
     differential: bool,
+    /// Free-form text stored with the snapshot.
     #[arg(long, default_value = "")]
     label: String,
+    /// Name of the checkpoint (libvirt) or bitmap generation this snapshot ends.
     #[arg(long)]
     checkpoint: Option<String>,
     /// When the data was taken, if not now (RFC3339).
@@ -56,6 +58,7 @@ pub struct BackupArgs {
 
 #[derive(Args)]
 pub struct ReceiveArgs {
+    /// Disk name, e.g. vm1/vda.
     #[arg(long)]
     disk: String,
     /// nbd+unix:///?socket=PATH or nbd://127.0.0.1:PORT
@@ -71,10 +74,13 @@ pub struct ReceiveArgs {
     /// Parent of the incremental (default: the disk's latest).
     #[arg(long, requires = "incremental")]
     parent: Option<String>,
+    /// Mark the snapshot differential.
     #[arg(long, requires = "incremental")]
     differential: bool,
+    /// Free-form text stored with the snapshot.
     #[arg(long, default_value = "")]
     label: String,
+    /// Name of the checkpoint (libvirt) or bitmap generation this snapshot ends.
     #[arg(long)]
     checkpoint: Option<String>,
     /// The bitmap QEMU backs up with, recorded with the snapshot.

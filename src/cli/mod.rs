@@ -13,7 +13,7 @@ mod serve;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use strata::progress;
@@ -23,7 +23,12 @@ use strata::store::repo::Repository;
 #[command(
     name = "strata",
     version,
-    about = "Full and incremental VM disk backups, read back as raw images"
+    about = "Full and incremental VM disk backups, read back as raw images",
+    after_long_help = "Exit status: 0 success; 1 the operation failed, or verify found damage, or \
+        restore could not read every range; 2 usage error.\n\n\
+        Environment: STRATA_REPO is the repository when --repo is not given; NOTIFY_SOCKET \
+        (set by systemd) makes mount --foreground report readiness.\n\n\
+        Reference: docs/CLI.md in the source tree."
 )]
 pub struct Cli {
     /// Repository directory.
@@ -216,7 +221,8 @@ fn open(cli: &Cli) -> Result<Repository> {
             path.display()
         );
     }
-    Repository::open(&path).with_context(|| format!("open repository {}", path.display()))
+    // The library's errors name the path already (bad config.json, format).
+    Ok(Repository::open(&path)?)
 }
 
 /// The `done` event of `--progress json`, with the command's summary.

@@ -14,12 +14,15 @@ use super::{done_event, open, repo_path, started_event, Cli};
 
 #[derive(Args)]
 pub struct RestoreArgs {
+    /// DISK@ID or DISK@latest.
     snapshot: String,
+    /// File (written sparse; an existing one is replaced) or block device.
     target: PathBuf,
 }
 
 #[derive(Args)]
 pub struct MountArgs {
+    /// An existing, empty directory.
     mountpoint: PathBuf,
     /// Stay attached instead of returning once the mount is ready.
     #[arg(long)]
@@ -34,6 +37,7 @@ pub struct MountArgs {
 
 #[derive(Args)]
 pub struct UmountArgs {
+    /// Where the repository is mounted.
     mountpoint: PathBuf,
 }
 
