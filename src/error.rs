@@ -20,9 +20,9 @@ pub enum Error {
     BadDiskName { name: String, reason: String },
     #[error("invalid snapshot reference {0:?}: expected DISK@ID or DISK@latest")]
     BadSnapshotRef(String),
-    #[error("snapshot {0} not found")]
+    #[error("snapshot {0} not found; list snapshots with: strata snapshots")]
     SnapshotNotFound(String),
-    #[error("disk {0} has no snapshots")]
+    #[error("disk {0} has no snapshots; list disks and snapshots with: strata snapshots")]
     NoSnapshots(String),
     #[error("{path}: {message}")]
     BadChanges { path: PathBuf, message: String },

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use serde_json::json;
 
 use strata::care::prune::{self as retention, Policy, PruneReport};
 use strata::care::verify::{self as check, Report as VerifyReport, Subset, VerifyOptions};
@@ -14,10 +15,11 @@ use strata::model::snapshot::SnapshotInfo;
 use strata::store::lock::MaintenanceLock;
 use strata::store::repo::Repository;
 
-use super::{open, repo_path, Cli};
+use super::{done_event, open, repo_path, started_event, Cli};
 
 #[derive(Args)]
 pub struct VerifyArgs {
+    /// DISK@ID or DISK@latest; none: every snapshot.
     snapshots: Vec<String>,
     /// Check presence and metadata only, without reading chunk data.
     #[arg(long)]
@@ -25,12 +27,14 @@ pub struct VerifyArgs {
     /// Read only a subset of the chunks: N/T (group N of T) or P%.
     #[arg(long)]
     read_data_subset: Option<String>,
+    /// One JSON report on stdout, for scripts.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Args)]
 pub struct ForgetArgs {
+    /// DISK@ID or DISK@latest, one or more.
     #[arg(required = true)]
     snapshots: Vec<String>,
     /// Also delete the data no snapshot references any more.
@@ -40,17 +44,23 @@ pub struct ForgetArgs {
 
 #[derive(Args)]
 pub struct PruneArgs {
-    #[arg(long)]
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N")]
     keep_last: Option<usize>,
-    #[arg(long)]
+    /// Keep the newest snapshot of each of the N most recent hours that have one.
+    #[arg(long, value_name = "N")]
     keep_hourly: Option<usize>,
-    #[arg(long)]
+    /// The same per UTC day.
+    #[arg(long, value_name = "N")]
     keep_daily: Option<usize>,
-    #[arg(long)]
+    /// The same per ISO week.
+    #[arg(long, value_name = "N")]
     keep_weekly: Option<usize>,
-    #[arg(long)]
+    /// The same per month.
+    #[arg(long, value_name = "N")]
     keep_monthly: Option<usize>,
-    #[arg(long)]
+    /// The same per year.
+    #[arg(long, value_name = "N")]
     keep_yearly: Option<usize>,
     /// Keep everything this much younger than the newest (e.g. 7d, 12h, 1y6m).
     #[arg(long)]
@@ -61,12 +71,14 @@ pub struct PruneArgs {
     /// Show what would be kept and removed; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// One JSON report on stdout, for scripts.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Args)]
 pub struct ProtectArgs {
+    /// DISK@ID or DISK@latest.
     snapshot: String,
 }
 
@@ -92,6 +104,7 @@ fn resolve_all(repo: &Repository, refs: &[String]) -> Result<Vec<SnapshotInfo>> 
 }
 
 pub fn verify(cli: &Cli, a: &VerifyArgs) -> Result<ExitCode> {
+    started_event("verify", json!({"snapshots": a.snapshots}));
     let repo = open(cli)?;
     let infos = resolve_all(&repo, &a.snapshots)?;
     let opts = VerifyOptions {
@@ -109,6 +122,11 @@ pub fn verify(cli: &Cli, a: &VerifyArgs) -> Result<ExitCode> {
     } else {
         print_verify_report(&report, a.quick);
     }
+    done_event(
+        "verify",
+        json!({"ok": report.ok, "checked_snapshots": report.checked_snapshots,
+               "checked_chunks": report.checked_chunks, "damaged": report.damaged.len()}),
+    );
     Ok(if report.ok {
         ExitCode::SUCCESS
     } else {
@@ -157,6 +175,7 @@ pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<ExitCode> {
 }
 
 pub fn prune(cli: &Cli, a: &PruneArgs) -> Result<ExitCode> {
+    started_event("prune", json!({"dry_run": a.dry_run}));
     let repo = open(cli)?;
     let policy = Policy {
         last: a.keep_last,
@@ -178,6 +197,11 @@ pub fn prune(cli: &Cli, a: &PruneArgs) -> Result<ExitCode> {
     } else {
         print_prune_report(&report, a.dry_run);
     }
+    done_event(
+        "prune",
+        json!({"kept": report.plan.keep.len(), "removed": report.plan.remove.len(),
+               "freed_bytes": report.freed_bytes}),
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use serde_json::json;
 
 use strata::ingest::backup::{self, BackupOptions};
 use strata::ingest::changes;
@@ -16,7 +17,7 @@ use strata::ingest::source::FileSource;
 use strata::model::name::{DiskName, SnapshotRef};
 use strata::model::snapshot::parse_time;
 
-use super::{open, Cli};
+use super::{done_event, open, started_event, Cli};
 
 #[derive(Args)]
 pub struct BackupArgs {
@@ -41,8 +42,10 @@ pub struct BackupArgs {
     /// Mark the snapshot differential.
     #[arg(long)]
     differential: bool,
+    /// Free-form text stored with the snapshot.
     #[arg(long, default_value = "")]
     label: String,
+    /// Name of the checkpoint (libvirt) or bitmap generation this snapshot ends.
     #[arg(long)]
     checkpoint: Option<String>,
     /// When the data was taken, if not now (RFC3339).
@@ -55,6 +58,7 @@ pub struct BackupArgs {
 
 #[derive(Args)]
 pub struct ReceiveArgs {
+    /// Disk name, e.g. vm1/vda.
     #[arg(long)]
     disk: String,
     /// nbd+unix:///?socket=PATH or nbd://127.0.0.1:PORT
@@ -70,10 +74,13 @@ pub struct ReceiveArgs {
     /// Parent of the incremental (default: the disk's latest).
     #[arg(long, requires = "incremental")]
     parent: Option<String>,
+    /// Mark the snapshot differential.
     #[arg(long, requires = "incremental")]
     differential: bool,
+    /// Free-form text stored with the snapshot.
     #[arg(long, default_value = "")]
     label: String,
+    /// Name of the checkpoint (libvirt) or bitmap generation this snapshot ends.
     #[arg(long)]
     checkpoint: Option<String>,
     /// The bitmap QEMU backs up with, recorded with the snapshot.
@@ -85,6 +92,7 @@ pub struct ReceiveArgs {
 }
 
 pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<ExitCode> {
+    started_event("backup", json!({"disk": a.disk, "source": a.source}));
     let repo = open(cli)?;
     let disk = DiskName::parse(&a.disk)?;
     let changes = a.changes.as_deref().map(changes::parse_file).transpose()?;
@@ -124,6 +132,11 @@ pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<ExitCode> {
         backup::backup(&repo, &source, &opts)?
     };
     println!("{}", info.summary());
+    done_event(
+        "backup",
+        json!({"snapshot": info.reference(), "kind": info.kind.as_str(),
+               "size": info.size, "stored_bytes": info.stored_bytes}),
+    );
     Ok(ExitCode::SUCCESS)
 }
 

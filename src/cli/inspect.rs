@@ -14,17 +14,22 @@ use super::{open, Cli};
 
 #[derive(Args)]
 pub struct SnapshotsArgs {
+    /// Only this disk.
     #[arg(long)]
     disk: Option<String>,
+    /// One JSON array on stdout, for scripts.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Args)]
 pub struct MapArgs {
+    /// DISK@ID or DISK@latest.
     snapshot: String,
+    /// The snapshot's own extents (what it stored), not the whole image's.
     #[arg(long)]
     own: bool,
+    /// The extent JSON document (strata-extents/1) on stdout.
     #[arg(long)]
     json: bool,
 }

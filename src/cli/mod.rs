@@ -4,23 +4,31 @@
 //! library and prints. No storage logic lives here.
 
 mod care;
+mod docs;
 mod ingest;
 mod inspect;
+mod notify;
 mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use strata::progress;
 use strata::store::repo::Repository;
 
 #[derive(Parser)]
 #[command(
     name = "strata",
     version,
-    about = "Full and incremental VM disk backups, read back as raw images"
+    about = "Full and incremental VM disk backups, read back as raw images",
+    after_long_help = "Exit status: 0 success; 1 the operation failed, or verify found damage, or \
+        restore could not read every range; 2 usage error.\n\n\
+        Environment: STRATA_REPO is the repository when --repo is not given; NOTIFY_SOCKET \
+        (set by systemd) makes mount --foreground report readiness.\n\n\
+        Reference: docs/CLI.md in the source tree."
 )]
 pub struct Cli {
     /// Repository directory.
@@ -32,8 +40,19 @@ pub struct Cli {
     /// Less output: errors only, no progress bars.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// How backup, restore, verify and prune report progress: bars on a
+    /// terminal (auto), JSON lines on stderr (json), or nothing (none).
+    #[arg(long, value_enum, global = true, default_value_t = ProgressArg::Auto)]
+    progress: ProgressArg,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProgressArg {
+    Auto,
+    Json,
+    None,
 }
 
 #[derive(Subcommand)]
@@ -69,12 +88,22 @@ enum Command {
     Gc,
     /// Repair the repository.
     Repair(care::RepairArgs),
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    Completions(docs::CompletionsArgs),
+    /// Write one man page per command into a directory.
+    Man(docs::ManArgs),
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(&cli);
-    strata::progress::set_enabled(!cli.quiet);
+    progress::set_mode(match (cli.progress, cli.quiet) {
+        // Asked for by name, JSON wins over -q: scripts parse it.
+        (ProgressArg::Json, _) => progress::Mode::Json,
+        (ProgressArg::None, _) | (_, true) => progress::Mode::Off,
+        (ProgressArg::Auto, false) => progress::Mode::Bars,
+    });
     // Listings die quietly when their reader goes away (`strata snapshots
     // | head`), like other Unix tools, instead of panicking on EPIPE. Only
     // these: commands that talk over sockets must see EPIPE as an error.
@@ -91,10 +120,43 @@ pub fn main() -> ExitCode {
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
+            progress::event(serde_json::json!({"event": "error", "message": format!("{e:#}")}));
             eprintln!("strata: error: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+/// The clap command, with `--version` naming the on-disk formats.
+fn command() -> clap::Command {
+    // clap wants a &'static str here; the text is built once per process.
+    let version: &'static str = Box::leak(long_version().into_boxed_str());
+    Cli::command().long_version(version)
+}
+
+/// The program version and the versions of every on-disk format it reads
+/// and writes, from the library's constants so that they cannot drift.
+fn long_version() -> String {
+    use strata::model::{extent, image_map};
+    use strata::store::{catalog, chunk, manifest, repo};
+    format!(
+        "{}\n\
+         repository  {} (config.json)\n\
+         chunk files version {} (reads {} and {})\n\
+         manifests   {}\n\
+         extent JSON {}\n\
+         catalog     SQLite, schema {}\n\
+         image maps  binary encoding {}",
+        env!("CARGO_PKG_VERSION"),
+        repo::REPO_FORMAT,
+        chunk::VERSION,
+        chunk::VERSION_1,
+        chunk::VERSION,
+        manifest::MANIFEST_FORMAT,
+        extent::EXTENTS_FORMAT,
+        catalog::SCHEMA_VERSION,
+        image_map::ENCODING_VERSION,
+    )
 }
 
 fn init_logging(cli: &Cli) {
@@ -129,6 +191,8 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Unprotect(a) => care::protect(cli, a, false),
         Command::Gc => care::gc(cli),
         Command::Repair(a) => care::repair(cli, a),
+        Command::Completions(a) => docs::completions(a),
+        Command::Man(a) => docs::man(a),
     }
 }
 
@@ -140,6 +204,43 @@ fn repo_path(cli: &Cli) -> Result<PathBuf> {
     }
 }
 
+/// Open the repository, telling a missing directory and one that is not a
+/// repository apart, since their fixes differ.
 fn open(cli: &Cli) -> Result<Repository> {
-    Ok(Repository::open(&repo_path(cli)?)?)
+    let path = repo_path(cli)?;
+    if !path.exists() {
+        bail!(
+            "repository {} does not exist; check --repo/STRATA_REPO, or create it with: strata init --repo {}",
+            path.display(),
+            path.display()
+        );
+    }
+    if path.is_dir() && !path.join("config.json").exists() {
+        bail!(
+            "{} is not a strata repository (it has no config.json); check --repo/STRATA_REPO",
+            path.display()
+        );
+    }
+    // The library's errors name the path already (bad config.json, format).
+    Ok(Repository::open(&path)?)
+}
+
+/// The `done` event of `--progress json`, with the command's summary.
+fn done_event(command: &str, mut summary: serde_json::Value) {
+    if let Some(map) = summary.as_object_mut() {
+        map.insert("event".into(), "done".into());
+        map.insert("command".into(), command.into());
+    }
+    progress::event(summary);
+}
+
+/// The `started` event of `--progress json`.
+fn started_event(command: &str, what: serde_json::Value) {
+    let mut map = serde_json::Map::new();
+    map.insert("event".into(), "started".into());
+    map.insert("command".into(), command.into());
+    if let Some(fields) = what.as_object() {
+        map.extend(fields.clone());
+    }
+    progress::event(serde_json::Value::Object(map));
 }

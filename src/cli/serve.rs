@@ -5,20 +5,24 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use serde_json::json;
 
 use strata::model::name::SnapshotRef;
 use strata::serve::mount::{self as fuse_mount, MountOptions, Unmounted};
 
-use super::{open, repo_path, Cli};
+use super::{done_event, open, repo_path, started_event, Cli};
 
 #[derive(Args)]
 pub struct RestoreArgs {
+    /// DISK@ID or DISK@latest.
     snapshot: String,
+    /// File (written sparse; an existing one is replaced) or block device.
     target: PathBuf,
 }
 
 #[derive(Args)]
 pub struct MountArgs {
+    /// An existing, empty directory.
     mountpoint: PathBuf,
     /// Stay attached instead of returning once the mount is ready.
     #[arg(long)]
@@ -33,13 +37,28 @@ pub struct MountArgs {
 
 #[derive(Args)]
 pub struct UmountArgs {
+    /// Where the repository is mounted.
     mountpoint: PathBuf,
 }
 
 pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<ExitCode> {
+    started_event(
+        "restore",
+        json!({"snapshot": a.snapshot, "target": a.target}),
+    );
     let repo = open(cli)?;
     let info = repo.resolve(&SnapshotRef::parse(&a.snapshot)?)?;
     let restored = strata::serve::restore::restore(&repo, &info, &a.target)?;
+    let damaged: Vec<[u64; 2]> = restored
+        .damaged
+        .iter()
+        .map(|r| [r.offset, r.length])
+        .collect();
+    done_event(
+        "restore",
+        json!({"snapshot": info.reference(), "target": a.target, "size": info.size,
+               "ok": damaged.is_empty(), "damaged": damaged}),
+    );
     if restored.damaged.is_empty() {
         println!("restored {} to {}", info.reference(), a.target.display());
         return Ok(ExitCode::SUCCESS);
@@ -73,17 +92,63 @@ pub fn mount(cli: &Cli, a: &MountArgs) -> Result<ExitCode> {
         let repo = open(cli)?;
         let child = a.daemon_child;
         let mountpoint = &a.mountpoint;
+        // Resolved before mounting: afterwards a lookup would wait on the
+        // very server that is not running yet.
+        let resolved = mountpoint.canonicalize().ok();
         fuse_mount::serve(repo, mountpoint, &opts, || {
             if child {
                 fuse_mount::detach_from_parent();
             } else {
                 eprintln!("mounted {}; Ctrl-C unmounts", mountpoint.display());
+                if let Some(mnt) = resolved {
+                    notify_when_answering(mnt);
+                }
             }
         })?;
     } else {
         mount_in_background(cli, &a.mountpoint, a.allow_other)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Send systemd `READY=1` (when it asked, through `$NOTIFY_SOCKET`) once
+/// the mount answers. This runs while the server starts: the kernel holds
+/// the stat below until the server has taken the mount over, so the
+/// notification never comes before a reader could be served.
+fn notify_when_answering(mnt: PathBuf) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("sd-notify".into())
+        .spawn(move || match mount_answers(&mnt) {
+            Ok(()) => {
+                if let Err(e) = super::notify::ready() {
+                    log::warn!("{e:#}");
+                }
+            }
+            Err(e) => log::warn!("not telling systemd the mount is ready: {e:#}"),
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the readiness notifier: {e}");
+    }
+}
+
+/// Whether `mnt` is now a mount that answers (its device differs from its
+/// parent directory's).
+fn mount_answers(mnt: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let parent = mnt.parent().context("the mount point has no parent")?;
+    let parent_dev = std::fs::metadata(parent)
+        .with_context(|| format!("stat {}", parent.display()))?
+        .dev();
+    let dev = std::fs::metadata(mnt)
+        .with_context(|| format!("stat {}", mnt.display()))?
+        .dev();
+    if dev == parent_dev {
+        bail!("{} is not mounted", mnt.display());
+    }
+    Ok(())
 }
 
 /// Run `strata mount --daemon-child` in its own process group and return

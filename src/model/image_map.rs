@@ -183,6 +183,10 @@ impl ImageMap {
         ids
     }
 
+    /// The binary form kept in the catalog (version [`ENCODING_VERSION`]):
+    /// size and segment count as u64 LE, then per segment offset and length
+    /// (u64 LE) and a tag: 0 zero, or 1 followed by the skip (u32 LE) and
+    /// the 32-byte chunk id.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.segments.len() * 53);
         out.extend_from_slice(&self.size.to_le_bytes());
@@ -223,6 +227,11 @@ impl ImageMap {
         Ok(ImageMap::new(size, segments))
     }
 }
+
+/// The version of the layout [`ImageMap::encode`] writes. The bytes carry
+/// no version field; this names the layout for `strata --version` and
+/// docs/FORMAT.md, and must change with it.
+pub const ENCODING_VERSION: u32 = 1;
 
 /// Merge touching segments that continue each other (input sorted).
 fn normalize(segments: Vec<Segment>) -> Vec<Segment> {

@@ -12,6 +12,11 @@ use crate::model::image_map::ImageMap;
 use crate::model::name::{DiskName, SnapshotId};
 use crate::model::snapshot::{format_time, parse_time, SnapshotInfo, SnapshotKind};
 
+/// The version of [`SCHEMA`], shown by `strata --version`. It is not
+/// stored in the database (no migration exists yet): change it, and add
+/// one, when the table changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS snapshots (
     disk         TEXT NOT NULL,

@@ -31,8 +31,9 @@ use crate::store::quarantine::{Quarantine, Taken};
 pub const MAX_CHUNK_SIZE: usize = 4 << 20;
 
 const MAGIC: [u8; 2] = *b"SC";
-const VERSION: u8 = 2;
-const VERSION_1: u8 = 1;
+/// The chunk file version written; [`VERSION_1`] files are still read.
+pub const VERSION: u8 = 2;
+pub const VERSION_1: u8 = 1;
 const ENC_RAW: u8 = 0;
 const ENC_ZSTD: u8 = 1;
 /// Set on the encoding byte of a chunk sealed with the repository's key.
