@@ -173,7 +173,7 @@ fn sweep_damaged(
 /// Staging files of receives that died (a live one is a registered backup,
 /// so its files are newer than the cutoff).
 fn sweep_tmp(repo: &Repository, cutoff: f64, report: &mut GcReport) -> Result<()> {
-    let dir = repo.root().join("tmp");
+    let dir = repo.scratch_dir();
     let Ok(entries) = fs::read_dir(&dir) else {
         return Ok(());
     };

@@ -89,10 +89,28 @@ pub struct RepairArgs {
     rebuild_catalog: bool,
 }
 
-pub fn init(cli: &Cli) -> Result<ExitCode> {
+#[derive(Args)]
+pub struct InitArgs {
+    /// Encrypt the repository (passphrase from --password-file,
+    /// STRATA_PASSWORD_FILE, STRATA_PASSWORD, or asked twice).
+    #[arg(long)]
+    encrypt: bool,
+}
+
+pub fn init(cli: &Cli, a: &InitArgs) -> Result<ExitCode> {
     let path = repo_path(cli)?;
-    Repository::init(&path, None)?;
-    println!("created repository {}", path.display());
+    let passphrase = match a.encrypt {
+        true => Some(super::secret::new_passphrase(cli, None)?),
+        false => None,
+    };
+    let repo = Repository::init(&path, passphrase.as_deref())?;
+    match repo.key_id() {
+        Some(key) => println!(
+            "created encrypted repository {} (key {key}); without a passphrase its data is lost",
+            path.display()
+        ),
+        None => println!("created repository {}", path.display()),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -250,7 +268,7 @@ pub fn gc(cli: &Cli) -> Result<ExitCode> {
 
 pub fn repair(cli: &Cli, _a: &RepairArgs) -> Result<ExitCode> {
     let path = repo_path(cli)?;
-    let r = fix::rebuild_catalog(&path, &strata::store::repo::no_passphrase)?;
+    let r = fix::rebuild_catalog(&path, &|| super::secret::passphrase(cli))?;
     for s in &r.skipped {
         eprintln!("skipped {s}");
     }

@@ -4,10 +4,12 @@
 //! library and prints. No storage logic lives here.
 
 mod care;
+mod copy;
 mod docs;
 mod ingest;
 mod inspect;
 mod notify;
+mod secret;
 mod serve;
 
 use std::path::PathBuf;
@@ -26,8 +28,9 @@ use strata::store::repo::Repository;
     about = "Full and incremental VM disk backups, read back as raw images",
     after_long_help = "Exit status: 0 success; 1 the operation failed, or verify found damage, or \
         restore could not read every range; 2 usage error.\n\n\
-        Environment: STRATA_REPO is the repository when --repo is not given; NOTIFY_SOCKET \
-        (set by systemd) makes mount --foreground report readiness.\n\n\
+        Environment: STRATA_REPO is the repository when --repo is not given; \
+        STRATA_PASSWORD_FILE or STRATA_PASSWORD give an encrypted repository's passphrase; \
+        NOTIFY_SOCKET (set by systemd) makes mount --foreground report readiness.\n\n\
         Reference: docs/CLI.md in the source tree."
 )]
 pub struct Cli {
@@ -40,6 +43,10 @@ pub struct Cli {
     /// Less output: errors only, no progress bars.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// The passphrase of an encrypted repository, from this file (one
+    /// trailing newline is ignored). Else STRATA_PASSWORD, else a prompt.
+    #[arg(long, env = "STRATA_PASSWORD_FILE", global = true)]
+    password_file: Option<PathBuf>,
     /// How backup, restore, verify and prune report progress: bars on a
     /// terminal (auto), JSON lines on stderr (json), or nothing (none).
     #[arg(long, value_enum, global = true, default_value_t = ProgressArg::Auto)]
@@ -58,7 +65,7 @@ enum ProgressArg {
 #[derive(Subcommand)]
 enum Command {
     /// Create an empty repository.
-    Init,
+    Init(care::InitArgs),
     /// Take a snapshot of a raw image, block device or NBD export.
     Backup(ingest::BackupArgs),
     /// Serve an NBD export that QEMU pushes a backup into (blockdev-backup);
@@ -88,6 +95,10 @@ enum Command {
     Gc,
     /// Repair the repository.
     Repair(care::RepairArgs),
+    /// Manage the passphrases of an encrypted repository.
+    Key(secret::KeyArgs),
+    /// Copy snapshots to another repository, sending only missing data.
+    Copy(copy::CopyArgs),
     /// Print a shell completion script (bash, zsh or fish) on stdout.
     Completions(docs::CompletionsArgs),
     /// Write one man page per command into a directory.
@@ -176,7 +187,7 @@ fn init_logging(cli: &Cli) {
 
 fn run(cli: &Cli) -> Result<ExitCode> {
     match &cli.command {
-        Command::Init => care::init(cli),
+        Command::Init(a) => care::init(cli, a),
         Command::Backup(a) => ingest::backup(cli, a),
         Command::Receive(a) => ingest::receive(cli, a),
         Command::Snapshots(a) => inspect::snapshots(cli, a),
@@ -191,6 +202,8 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Unprotect(a) => care::protect(cli, a, false),
         Command::Gc => care::gc(cli),
         Command::Repair(a) => care::repair(cli, a),
+        Command::Key(a) => secret::key(cli, a),
+        Command::Copy(a) => copy::copy(cli, a),
         Command::Completions(a) => docs::completions(a),
         Command::Man(a) => docs::man(a),
     }
@@ -222,7 +235,7 @@ fn open(cli: &Cli) -> Result<Repository> {
         );
     }
     // The library's errors name the path already (bad config.json, format).
-    Ok(Repository::open(&path)?)
+    Ok(Repository::open_with(&path, &|| secret::passphrase(cli))?)
 }
 
 /// The `done` event of `--progress json`, with the command's summary.

@@ -171,13 +171,29 @@ fn mount_in_background(cli: &Cli, mnt: &Path, allow_other: bool) -> Result<()> {
     for _ in 0..cli.verbose {
         cmd.arg("-v");
     }
+    // The passphrase is asked here, before detaching, and handed over on
+    // the child's standard input: never in its arguments or environment.
+    let passphrase = match strata::store::repo::read_config(&repo)?.encryption {
+        Some(_) => {
+            cmd.arg("--password-file").arg("/dev/stdin");
+            Some(super::secret::passphrase(cli)?)
+        }
+        None => None,
+    };
     let mut child = cmd
-        .stdin(std::process::Stdio::null())
+        .stdin(match passphrase {
+            Some(_) => std::process::Stdio::piped(),
+            None => std::process::Stdio::null(),
+        })
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .process_group(0)
         .spawn()
         .context("start the mount process")?;
+    if let (Some(p), Some(mut stdin)) = (passphrase, child.stdin.take()) {
+        use std::io::Write;
+        stdin.write_all(format!("{p}\n").as_bytes())?;
+    }
     let mut line = String::new();
     let stdout = child.stdout.take().context("child stdout")?;
     std::io::BufReader::new(stdout).read_line(&mut line)?;

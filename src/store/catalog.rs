@@ -187,6 +187,13 @@ impl Writer<'_> {
         Ok(())
     }
 
+    pub fn exists(&self, disk: &DiskName, id: &SnapshotId) -> Result<bool> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM snapshots WHERE disk = ?1 AND id = ?2")?;
+        Ok(stmt.exists(params![disk.as_str(), id.as_str()])?)
+    }
+
     pub fn delete(&self, disk: &DiskName, id: &SnapshotId) -> Result<()> {
         self.conn.execute(
             "DELETE FROM snapshots WHERE disk = ?1 AND id = ?2",

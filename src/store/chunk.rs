@@ -312,7 +312,28 @@ impl ChunkStore {
     /// missing is moved out of use (see `quarantine`) before the error
     /// returns.
     pub fn get_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()> {
-        match self.read_into(id, into) {
+        self.get_checked(id, into, None)
+    }
+
+    /// [`get_into`](Self::get_into), keeping a copy of the chunk file in
+    /// `file` (for `copy` between repositories with the same keys, which
+    /// sends checked files as they are).
+    pub fn get_with_file(
+        &self,
+        id: &ChunkId,
+        into: &mut Vec<u8>,
+        file: &mut Vec<u8>,
+    ) -> Result<()> {
+        self.get_checked(id, into, Some(file))
+    }
+
+    fn get_checked(
+        &self,
+        id: &ChunkId,
+        into: &mut Vec<u8>,
+        file: Option<&mut Vec<u8>>,
+    ) -> Result<()> {
+        match self.read_into(id, into, file) {
             Err(Error::BadChunk { hash, message }) => {
                 let message = match self.quarantine(id) {
                     Ok(Some(taken)) => format!("{message}; {}", taken.describe()),
@@ -325,7 +346,12 @@ impl ChunkStore {
         }
     }
 
-    fn read_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()> {
+    fn read_into(
+        &self,
+        id: &ChunkId,
+        into: &mut Vec<u8>,
+        file: Option<&mut Vec<u8>>,
+    ) -> Result<()> {
         let dir = self.subdir(id.0[0])?;
         FILE_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
@@ -345,7 +371,33 @@ impl ChunkStore {
                 // must not move a chunk out of use.
                 _ => Error::io(format!("read {}", self.path(id).display()), e),
             })?;
+            if let Some(file) = file {
+                file.clear();
+                file.extend_from_slice(&buf[body.clone()]);
+            }
             decode(id, &mut buf[body], into, self.keys.as_deref())
+        })
+    }
+
+    /// Store a chunk file as it is (from a repository with the same keys,
+    /// checked there) unless a chunk with its name exists; returns the bytes
+    /// written. Files of the old unpadded format are stored anew from `data`.
+    pub fn put_file(&self, id: &ChunkId, file: &[u8], data: &[u8]) -> Result<u64> {
+        if file.get(2) != Some(&VERSION) || file.len() % DIRECT_ALIGN != 0 {
+            return Ok(self.put(data)?.stored);
+        }
+        let dir = self.subdir(id.0[0])?;
+        let name = FileName::new(id, None);
+        if touch_at(dir, name.as_c()) {
+            return Ok(0);
+        }
+        WRITE_BUF.with(|cell| -> Result<u64> {
+            let mut buf = cell.borrow_mut();
+            let start = aligned_start(&mut buf, file.len());
+            buf[start..start + file.len()].copy_from_slice(file);
+            create_file(dir, name.as_c(), &buf[start..start + file.len()])
+                .ctx(|| format!("write {}", self.path(id).display()))?;
+            Ok(file.len() as u64)
         })
     }
 
@@ -384,6 +436,12 @@ impl ChunkStore {
         let mut v = Vec::new();
         self.get_into(id, &mut v)?;
         Ok(v)
+    }
+
+    /// Set a chunk's mtime to now (see `put`); false if it is not there.
+    pub fn touch(&self, id: &ChunkId) -> bool {
+        self.subdir(id.0[0])
+            .is_ok_and(|dir| touch_at(dir, FileName::new(id, None).as_c()))
     }
 
     /// Size of a chunk file on disk, or `None` if it is missing.

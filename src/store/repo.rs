@@ -217,6 +217,28 @@ impl Repository {
         })
     }
 
+    /// Where scratch files (receive's staging file) go: `tmp/` in the
+    /// repository, except for an encrypted one, which must hold no disk
+    /// content in clear: there, this host's cache directory
+    /// (`STRATA_CACHE_DIR`, else `$XDG_CACHE_HOME/strata`, else
+    /// `~/.cache/strata`), under a name derived from the repository's path.
+    pub fn scratch_dir(&self) -> PathBuf {
+        if self.keys.is_none() {
+            return self.root.join("tmp");
+        }
+        let base = std::env::var_os("STRATA_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("strata")))
+            .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/strata")))
+            .unwrap_or_else(|| std::env::temp_dir().join("strata"));
+        let root = self
+            .root
+            .canonicalize()
+            .unwrap_or_else(|_| self.root.clone());
+        let tag = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
+        base.join(&tag[..16]).join("tmp")
+    }
+
     /// The keys of an encrypted repository.
     pub fn keys(&self) -> Option<&Keys> {
         self.keys.as_deref()
@@ -297,6 +319,56 @@ impl Repository {
         )
     }
 
+    /// The image map of a snapshot with `own` over `parent`'s image.
+    fn resolve_image(
+        &self,
+        disk: &DiskName,
+        parent: Option<&SnapshotId>,
+        own: &ImageMap,
+    ) -> Result<ImageMap> {
+        match parent {
+            None => Ok(own.clone()),
+            Some(pid) => {
+                let parent = self
+                    .catalog()
+                    .maps(disk, pid)?
+                    .ok_or_else(|| Error::SnapshotNotFound(format!("{disk}@{pid}")))?;
+                Ok(parent.1.overlay(own))
+            }
+        }
+    }
+
+    /// Make a snapshot copied from another repository visible under its own
+    /// id and metadata, as [`commit`](Self::commit) does for a new one: its
+    /// chunks flushed first, then its manifest, the catalog row last. A
+    /// snapshot that exists already under that `DISK@ID` is an error.
+    pub fn import(&self, info: &SnapshotInfo, own: &ImageMap) -> Result<()> {
+        self.sync()?;
+        let image = self.resolve_image(&info.disk, info.parent.as_ref(), own)?;
+        let manifests = self.manifests_dir();
+        self.catalog().write(|w| {
+            if w.exists(&info.disk, &info.id)? {
+                return Err(Error::invalid(format!(
+                    "{} exists in the target already",
+                    info.reference()
+                )));
+            }
+            manifest::write(
+                &manifests,
+                &Manifest::new(info, own),
+                &info.disk,
+                &info.id,
+                self.keys(),
+            )?;
+            crate::testhook::pause("import:manifest-written");
+            w.insert(&SnapshotRecord {
+                info: info.clone(),
+                own: own.clone(),
+                image,
+            })
+        })
+    }
+
     /// Flush everything written to the repository's file system.
     pub fn sync(&self) -> Result<()> {
         let dir = fs::File::open(&self.root).ctx(|| format!("open {}", self.root.display()))?;
@@ -312,16 +384,7 @@ impl Repository {
     pub fn commit(&self, new: NewSnapshot) -> Result<SnapshotInfo> {
         self.sync()?;
         log::debug!("synced");
-        let image = match &new.parent {
-            None => new.own.clone(),
-            Some(pid) => {
-                let parent = self
-                    .catalog()
-                    .maps(&new.disk, pid)?
-                    .ok_or_else(|| Error::SnapshotNotFound(format!("{}@{pid}", new.disk)))?;
-                parent.1.overlay(&new.own)
-            }
-        };
+        let image = self.resolve_image(&new.disk, new.parent.as_ref(), &new.own)?;
         log::debug!("image map resolved");
         let manifests = self.manifests_dir();
         let mut cat = self.catalog();

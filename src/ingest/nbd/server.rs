@@ -112,7 +112,7 @@ struct Staging {
 
 impl Staging {
     fn new(repo: &Repository, size: u64, n: u32) -> Result<Self> {
-        let dir = repo.root().join("tmp");
+        let dir = repo.scratch_dir();
         std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
         let path = dir.join(format!("receive-{}-{n}.raw", std::process::id()));
         let file = std::fs::OpenOptions::new()
