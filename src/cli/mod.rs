@@ -109,7 +109,7 @@ pub fn main() -> ExitCode {
     // these: commands that talk over sockets must see EPIPE as an error.
     if matches!(
         cli.command,
-        Command::Snapshots(_) | Command::Map(_) | Command::Verify(_)
+        Command::Snapshots(_) | Command::Map(_) | Command::Verify(_) | Command::Completions(_)
     ) {
         // SAFETY: restoring the default action of one signal at startup.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };

@@ -48,7 +48,8 @@ pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<ExitCode> {
     );
     let repo = open(cli)?;
     let info = repo.resolve(&SnapshotRef::parse(&a.snapshot)?)?;
-    let restored = strata::serve::restore::restore(&repo, &info, &a.target)?;
+    let restored = strata::serve::restore::restore(&repo, &info, &a.target)
+        .with_context(|| format!("restore {} to {}", info.reference(), a.target.display()))?;
     let damaged: Vec<[u64; 2]> = restored
         .damaged
         .iter()
