@@ -182,6 +182,8 @@ fn version_names_the_formats() {
         "strata-repo/1",
         "chunk files version 2 (reads 1 and 2)",
         "strata-manifest/1",
+        "strata-sealed-manifest/1",
+        "strata-key/1",
         "strata-extents/1",
         "catalog     SQLite, schema 1",
         "image maps  binary encoding 1",

@@ -138,12 +138,13 @@ fn command() -> clap::Command {
 /// and writes, from the library's constants so that they cannot drift.
 fn long_version() -> String {
     use strata::model::{extent, image_map};
-    use strata::store::{catalog, chunk, manifest, repo};
+    use strata::store::{catalog, chunk, keys, manifest, repo};
     format!(
         "{}\n\
          repository  {} (config.json)\n\
          chunk files version {} (reads {} and {})\n\
-         manifests   {}\n\
+         manifests   {} (sealed: {})\n\
+         key files   {}\n\
          extent JSON {}\n\
          catalog     SQLite, schema {}\n\
          image maps  binary encoding {}",
@@ -153,6 +154,8 @@ fn long_version() -> String {
         chunk::VERSION_1,
         chunk::VERSION,
         manifest::MANIFEST_FORMAT,
+        manifest::SEALED_FORMAT,
+        keys::KEY_FORMAT,
         extent::EXTENTS_FORMAT,
         catalog::SCHEMA_VERSION,
         image_map::ENCODING_VERSION,
