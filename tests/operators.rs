@@ -226,13 +226,22 @@ fn json_progress_of_long_commands() {
     let run = |args: &[&str]| {
         let mut full = vec!["--progress", "json"];
         full.extend_from_slice(args);
+        let started = std::time::Instant::now();
         let out = env.run(&full);
+        let seconds = started.elapsed().as_secs_f64();
         assert!(
             out.status.success(),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        json_events(&out)
+        let events = json_events(&out);
+        // Throttled: at most four a second per task (plus the first).
+        let progress = events.iter().filter(|e| e["event"] == "progress").count();
+        assert!(
+            progress as f64 <= 1.0 + 4.0 * seconds,
+            "{progress} progress events in {seconds:.2} s"
+        );
+        events
     };
     let backup = run(&["backup", "--disk", "vm1/vda", disk.to_str().unwrap()]);
     // The first chunk stored is always reported (nothing throttles it).
