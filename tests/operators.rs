@@ -50,30 +50,40 @@ fn long_flags(help: &str) -> Vec<String> {
     flags
 }
 
+/// What the bash completion in `script` offers for the last of `words`,
+/// as bash-completion would ask it (`COMP_WORDS`, `COMP_CWORD`, and the
+/// command, current and previous word as arguments).
+fn complete(script: &Path, words: &[&str]) -> Vec<String> {
+    let n = words.len();
+    let probe = format!(
+        "source {}; COMP_WORDS=({}); COMP_CWORD={}; _strata strata '{}' '{}'; \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        words.join(" "),
+        n - 1,
+        words[n - 1],
+        words[n - 2],
+    );
+    let out = stdout_of(Command::new("bash").arg("-c").arg(&probe).output().unwrap());
+    out.lines().map(String::from).collect()
+}
+
 #[test]
 fn bash_completion_offers_subcommands() {
     let script = stdout_of(strata().args(["completions", "bash"]).output().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("strata.bash");
     std::fs::write(&file, script).unwrap();
-    // What bash-completion does when the user types `strata ba<TAB>`.
-    let probe = format!(
-        "source {}; COMP_WORDS=(strata ba); COMP_CWORD=1; _strata strata ba strata; \
-         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
-        file.display()
-    );
-    let offered = stdout_of(Command::new("bash").arg("-c").arg(&probe).output().unwrap());
-    assert_eq!(offered.lines().collect::<Vec<_>>(), ["backup"], "{offered}");
-    let probe = format!(
-        "source {}; COMP_WORDS=(strata verify --re); COMP_CWORD=2; _strata strata --re verify; \
-         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
-        file.display()
-    );
-    let offered = stdout_of(Command::new("bash").arg("-c").arg(&probe).output().unwrap());
+    assert_eq!(complete(&file, &["strata", "ba"]), ["backup"]);
+    let verify = complete(&file, &["strata", "verify", "--re"]);
     assert!(
-        offered.lines().any(|l| l == "--read-data-subset"),
-        "{offered}"
+        verify.iter().any(|w| w == "--read-data-subset"),
+        "{verify:?}"
     );
+    // Only what a user may type: no internal flags.
+    let mount = complete(&file, &["strata", "mount", "--"]);
+    assert!(mount.iter().any(|w| w == "--foreground"), "{mount:?}");
+    assert!(!mount.iter().any(|w| w.contains("daemon")), "{mount:?}");
     for shell in ["zsh", "fish"] {
         let script = stdout_of(strata().args(["completions", shell]).output().unwrap());
         assert!(script.contains("backup") && script.contains("read-data-subset"));
