@@ -50,30 +50,40 @@ fn long_flags(help: &str) -> Vec<String> {
     flags
 }
 
+/// What the bash completion in `script` offers for the last of `words`,
+/// as bash-completion would ask it (`COMP_WORDS`, `COMP_CWORD`, and the
+/// command, current and previous word as arguments).
+fn complete(script: &Path, words: &[&str]) -> Vec<String> {
+    let n = words.len();
+    let probe = format!(
+        "source {}; COMP_WORDS=({}); COMP_CWORD={}; _strata strata '{}' '{}'; \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        words.join(" "),
+        n - 1,
+        words[n - 1],
+        words[n - 2],
+    );
+    let out = stdout_of(Command::new("bash").arg("-c").arg(&probe).output().unwrap());
+    out.lines().map(String::from).collect()
+}
+
 #[test]
 fn bash_completion_offers_subcommands() {
     let script = stdout_of(strata().args(["completions", "bash"]).output().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("strata.bash");
     std::fs::write(&file, script).unwrap();
-    // What bash-completion does when the user types `strata ba<TAB>`.
-    let probe = format!(
-        "source {}; COMP_WORDS=(strata ba); COMP_CWORD=1; _strata strata ba strata; \
-         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
-        file.display()
-    );
-    let offered = stdout_of(Command::new("bash").arg("-c").arg(&probe).output().unwrap());
-    assert_eq!(offered.lines().collect::<Vec<_>>(), ["backup"], "{offered}");
-    let probe = format!(
-        "source {}; COMP_WORDS=(strata verify --re); COMP_CWORD=2; _strata strata --re verify; \
-         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
-        file.display()
-    );
-    let offered = stdout_of(Command::new("bash").arg("-c").arg(&probe).output().unwrap());
+    assert_eq!(complete(&file, &["strata", "ba"]), ["backup"]);
+    let verify = complete(&file, &["strata", "verify", "--re"]);
     assert!(
-        offered.lines().any(|l| l == "--read-data-subset"),
-        "{offered}"
+        verify.iter().any(|w| w == "--read-data-subset"),
+        "{verify:?}"
     );
+    // Only what a user may type: no internal flags.
+    let mount = complete(&file, &["strata", "mount", "--"]);
+    assert!(mount.iter().any(|w| w == "--foreground"), "{mount:?}");
+    assert!(!mount.iter().any(|w| w.contains("daemon")), "{mount:?}");
     for shell in ["zsh", "fish"] {
         let script = stdout_of(strata().args(["completions", shell]).output().unwrap());
         assert!(script.contains("backup") && script.contains("read-data-subset"));
@@ -182,6 +192,8 @@ fn version_names_the_formats() {
         "strata-repo/1",
         "chunk files version 2 (reads 1 and 2)",
         "strata-manifest/1",
+        "strata-sealed-manifest/1",
+        "strata-key/1",
         "strata-extents/1",
         "catalog     SQLite, schema 1",
         "image maps  binary encoding 1",
@@ -224,13 +236,22 @@ fn json_progress_of_long_commands() {
     let run = |args: &[&str]| {
         let mut full = vec!["--progress", "json"];
         full.extend_from_slice(args);
+        let started = std::time::Instant::now();
         let out = env.run(&full);
+        let seconds = started.elapsed().as_secs_f64();
         assert!(
             out.status.success(),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        json_events(&out)
+        let events = json_events(&out);
+        // Throttled: at most four a second per task (plus the first).
+        let progress = events.iter().filter(|e| e["event"] == "progress").count();
+        assert!(
+            progress as f64 <= 1.0 + 4.0 * seconds,
+            "{progress} progress events in {seconds:.2} s"
+        );
+        events
     };
     let backup = run(&["backup", "--disk", "vm1/vda", disk.to_str().unwrap()]);
     // The first chunk stored is always reported (nothing throttles it).
@@ -306,9 +327,13 @@ fn common_mistakes_are_explained() {
         (&["restore", "vm1/vda", "/tmp/x"], true, 1, &["DISK@ID", "vm1/vda"]),
         (&["backup", "--disk", "../x", "/dev/null"], true, 1, &["invalid disk name", "../x"]),
         (&["backup", "--disk", "vm1/vda", miss], true, 1, &[miss]),
+        (&["backup", "--disk", "vm1/vda", p, "--time", "yesterday"], true, 1, &["yesterday", "2026-"]),
+        (&["restore", "vm1/vda@latest", "/nonexistent/x"], true, 1, &["restore vm1/vda@", "/nonexistent/x"]),
+        (&["mount", miss], true, 1, &["mount point", miss]),
+        (&["backup", "--disk", "vm1/vda", p], true, 1, &[p, "not a regular file", "NBD URI"]),
         (&["mount", m], true, 1, &["already mounted", m, "strata umount"]),
         (&["umount", p], true, 1, &["not a strata mount", p]),
-        (&["init"], true, 1, &["not empty"]),
+        (&["init"], true, 1, &["not empty", "new or empty directory"]),
         (&["prune"], true, 1, &["no retention rule", "--keep-last"]),
         (&["verify", "--read-data-subset", "9/7"], true, 1, &["9/7", "N/T"]),
         (&["backup", "--disk"], true, 2, &["--disk"]),

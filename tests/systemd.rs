@@ -190,14 +190,16 @@ fn backup_verify_and_prune_units_run_as_written() {
 
     // /etc/strata/vm1-vda.env of strata-backup@vm1-vda.service
     let backup = unit("strata-backup@.service");
-    let file = [
-        ("STRATA_REPO", repo),
-        ("DISK", "vm1/vda"),
-        ("SOURCE", disk.to_str().unwrap()),
-        ("BACKUP_OPTS", "--label nightly --check-unchanged 0"),
-    ];
-    let vars = environment(&backup, &file);
-    for _ in 0..2 {
+    // Two backups an hour apart on one day (fixed times: never across midnight).
+    for hour in ["01", "02"] {
+        let opts = format!("--label nightly --time 2026-01-01T{hour}:00:00Z");
+        let file = [
+            ("STRATA_REPO", repo),
+            ("DISK", "vm1/vda"),
+            ("SOURCE", disk.to_str().unwrap()),
+            ("BACKUP_OPTS", opts.as_str()),
+        ];
+        let vars = environment(&backup, &file);
         run_line(values(&backup, "ExecStart")[0], &vars, "vm1-vda");
     }
     let snaps = env.snapshots();

@@ -28,7 +28,10 @@ pub fn completions(a: &CompletionsArgs) -> Result<ExitCode> {
 
 pub fn man(a: &ManArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&a.dir).with_context(|| format!("create {}", a.dir.display()))?;
-    clap_mangen::generate_to(super::command(), &a.dir)
+    // The plain version: man renders the long one (the format list) as one
+    // run-on paragraph.
+    use clap::CommandFactory;
+    clap_mangen::generate_to(super::Cli::command(), &a.dir)
         .with_context(|| format!("write man pages into {}", a.dir.display()))?;
     println!("wrote man pages into {}", a.dir.display());
     Ok(ExitCode::SUCCESS)

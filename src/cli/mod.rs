@@ -120,7 +120,7 @@ pub fn main() -> ExitCode {
     // these: commands that talk over sockets must see EPIPE as an error.
     if matches!(
         cli.command,
-        Command::Snapshots(_) | Command::Map(_) | Command::Verify(_)
+        Command::Snapshots(_) | Command::Map(_) | Command::Verify(_) | Command::Completions(_)
     ) {
         // SAFETY: restoring the default action of one signal at startup.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
@@ -149,12 +149,13 @@ fn command() -> clap::Command {
 /// and writes, from the library's constants so that they cannot drift.
 fn long_version() -> String {
     use strata::model::{extent, image_map};
-    use strata::store::{catalog, chunk, manifest, repo};
+    use strata::store::{catalog, chunk, keys, manifest, repo};
     format!(
         "{}\n\
          repository  {} (config.json)\n\
          chunk files version {} (reads {} and {})\n\
-         manifests   {}\n\
+         manifests   {} (sealed: {})\n\
+         key files   {}\n\
          extent JSON {}\n\
          catalog     SQLite, schema {}\n\
          image maps  binary encoding {}",
@@ -164,6 +165,8 @@ fn long_version() -> String {
         chunk::VERSION_1,
         chunk::VERSION,
         manifest::MANIFEST_FORMAT,
+        manifest::SEALED_FORMAT,
+        keys::KEY_FORMAT,
         extent::EXTENTS_FORMAT,
         catalog::SCHEMA_VERSION,
         image_map::ENCODING_VERSION,

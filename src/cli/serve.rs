@@ -30,10 +30,12 @@ pub struct MountArgs {
     /// Let other users read the images.
     #[arg(long)]
     allow_other: bool,
-    /// Internal: the background child of a `mount` without --foreground.
-    #[arg(long, hide = true)]
-    daemon_child: bool,
 }
+
+/// Set (to 1) by `strata mount` on the server it starts in the background.
+/// An environment variable rather than a hidden flag, because completion
+/// scripts would offer a hidden flag.
+const DAEMON_CHILD_ENV: &str = "STRATA_MOUNT_DAEMON_CHILD";
 
 #[derive(Args)]
 pub struct UmountArgs {
@@ -48,7 +50,8 @@ pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<ExitCode> {
     );
     let repo = open(cli)?;
     let info = repo.resolve(&SnapshotRef::parse(&a.snapshot)?)?;
-    let restored = strata::serve::restore::restore(&repo, &info, &a.target)?;
+    let restored = strata::serve::restore::restore(&repo, &info, &a.target)
+        .with_context(|| format!("restore {} to {}", info.reference(), a.target.display()))?;
     let damaged: Vec<[u64; 2]> = restored
         .damaged
         .iter()
@@ -88,9 +91,9 @@ pub fn mount(cli: &Cli, a: &MountArgs) -> Result<ExitCode> {
     let opts = MountOptions {
         allow_other: a.allow_other,
     };
-    if a.foreground || a.daemon_child {
+    let child = std::env::var_os(DAEMON_CHILD_ENV).is_some_and(|v| v == "1");
+    if a.foreground || child {
         let repo = open(cli)?;
-        let child = a.daemon_child;
         let mountpoint = &a.mountpoint;
         // Resolved before mounting: afterwards a lookup would wait on the
         // very server that is not running yet.
@@ -151,7 +154,8 @@ fn mount_answers(mnt: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Run `strata mount --daemon-child` in its own process group and return
+/// Run `strata mount` as a server (`STRATA_MOUNT_DAEMON_CHILD=1`) in its
+/// own process group and return
 /// once it reports the mount ready, or fail with what it printed.
 fn mount_in_background(cli: &Cli, mnt: &Path, allow_other: bool) -> Result<()> {
     use std::io::{BufRead, Read};
@@ -164,7 +168,7 @@ fn mount_in_background(cli: &Cli, mnt: &Path, allow_other: bool) -> Result<()> {
         .arg(&repo)
         .arg("mount")
         .arg(&mnt)
-        .arg("--daemon-child");
+        .env(DAEMON_CHILD_ENV, "1");
     if allow_other {
         cmd.arg("--allow-other");
     }

@@ -66,7 +66,7 @@ impl FileSource {
             meta.len()
         } else {
             return Err(Error::invalid(format!(
-                "{}: not a regular file or block device",
+                "{}: not a regular file or block device; back up a raw image file, a block device or an NBD URI",
                 path.display()
             )));
         };

@@ -161,7 +161,7 @@ pub const GRANULARITY: u64 = 64 << 10;
 
 pub const EXTENTS_FORMAT: &str = "strata-extents/1";
 
-/// The extent JSON document of a snapshot (SPEC "Extent JSON").
+/// The extent JSON document of a snapshot (docs/CLI.md, "map --json").
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExtentDoc {
     pub format: String,

@@ -120,5 +120,9 @@ pub fn format_time(t: &DateTime<Utc>) -> String {
 pub fn parse_time(s: &str) -> Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| Error::invalid(format!("invalid RFC3339 time {s:?}: {e}")))
+        .map_err(|e| {
+            Error::invalid(format!(
+                "invalid RFC3339 time {s:?}: {e} (expected e.g. 2026-11-22T10:15:00Z)"
+            ))
+        })
 }

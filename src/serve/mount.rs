@@ -34,7 +34,7 @@ pub fn check_mountpoint(mnt: &Path) -> Result<()> {
         ))),
         Err(e) => Err(Error::io(format!("mount point {}", mnt.display()), e)),
         Ok(m) if !m.is_dir() => Err(Error::invalid(format!(
-            "mount point {} is not a directory",
+            "mount point {} is not a directory; mount onto an empty directory",
             mnt.display()
         ))),
         Ok(_) => match find_mount(mnt)? {
@@ -233,7 +233,7 @@ pub enum Unmounted {
 pub fn unmount(mnt: &Path) -> Result<Unmounted> {
     let Some(entry) = find_mount(mnt)? else {
         return Err(Error::invalid(format!(
-            "{} is not a strata mount",
+            "{} is not a strata mount (strata mounts are listed in /proc/mounts as strata:PID)",
             mnt.display()
         )));
     };

@@ -155,7 +155,7 @@ impl Repository {
             let mut entries = fs::read_dir(root).ctx(|| format!("read {}", root.display()))?;
             if entries.next().is_some() {
                 return Err(Error::invalid(format!(
-                    "{} is not empty; refusing to create a repository there",
+                    "{} is not empty; refusing to create a repository there (choose a new or empty directory)",
                     root.display()
                 )));
             }
