@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub repo: PathBuf,
+    /// Environment for every strata command (a passphrase file, say).
+    pub vars: Vec<(String, String)>,
 }
 
 impl Env {
@@ -19,7 +21,11 @@ impl Env {
             .tempdir()
             .unwrap();
         let repo = dir.path().join("repo");
-        let env = Env { dir, repo };
+        let env = Env {
+            dir,
+            repo,
+            vars: Vec::new(),
+        };
         env.ok(&["init"]);
         env
     }
@@ -31,6 +37,7 @@ impl Env {
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
         c.arg("--repo").arg(&self.repo);
+        c.envs(self.vars.iter().map(|(k, v)| (k, v)));
         c
     }
 
