@@ -422,3 +422,24 @@ impl Repository {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encrypted_scratch_files_stay_outside_the_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = Repository::init(&dir.path().join("plain"), None).unwrap();
+        assert!(plain.scratch_dir().starts_with(plain.root()));
+        let enc = Repository::init(&dir.path().join("enc"), Some("pass")).unwrap();
+        assert!(!enc.scratch_dir().starts_with(dir.path().join("enc")));
+        assert!(enc.key_id().is_some() && plain.key_id().is_none());
+        // A plain repository opens without a passphrase; an encrypted one not.
+        assert!(Repository::open(plain.root()).is_ok());
+        assert!(matches!(
+            Repository::open(enc.root()),
+            Err(Error::NeedPassphrase(_))
+        ));
+    }
+}
