@@ -25,7 +25,7 @@ echo "bench passphrase" > "$W/pw"
 export STRATA_PASSWORD_FILE="$W/pw" RESTIC_PASSWORD=bench
 mounted() { grep -q " $1 " /proc/self/mountinfo; }
 cleanup() {
-    mounted "$W/mnt" && { "$S" umount "$W/mnt" 2>/dev/null || umount -l "$W/mnt" || true; }
+    if mounted "$W/mnt"; then "$S" umount "$W/mnt" 2>/dev/null || umount -l "$W/mnt" || true; fi
 }
 trap cleanup EXIT
 

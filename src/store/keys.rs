@@ -5,16 +5,15 @@
 //! its passphrase open nothing.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::store::crypto::{from_hex, random, to_hex, NONCE_LEN};
+use crate::store::crypto::{
+    aes_key, from_hex, open, random, seal, to_hex, NONCE_LEN, SEAL_OVERHEAD,
+};
+use crate::store::durable;
 
 pub const KEY_FORMAT: &str = "strata-key/1";
 
@@ -89,47 +88,25 @@ pub fn create(root: &Path, master: &[u8; 32], passphrase: &str) -> Result<KeyFil
         salt: to_hex(&salt),
     };
     let kek = derive(passphrase, &kdf)?;
-    let mut nonce = [0u8; NONCE_LEN];
-    random(&mut nonce)?;
-    let sealed = Aes256Gcm::new(&kek.into())
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: master,
-                aad: &aad(&id),
-            },
-        )
-        .map_err(|_| Error::invalid("wrapping the key failed"))?;
+    let mut wrapped = vec![0u8; SEAL_OVERHEAD + master.len()];
+    wrapped[NONCE_LEN..NONCE_LEN + master.len()].copy_from_slice(master);
+    seal(&aes_key(&kek), &aad(&id), &mut wrapped)?;
     let file = KeyFile {
         format: KEY_FORMAT.into(),
         id,
         created: crate::model::snapshot::format_time(&chrono::Utc::now()),
         kdf,
         cipher: "aes-256-gcm".into(),
-        wrapped: to_hex(&[&nonce[..], &sealed].concat()),
+        wrapped: to_hex(&wrapped),
     };
     write(root, &file)?;
     Ok(file)
 }
 
 fn write(root: &Path, file: &KeyFile) -> Result<()> {
-    let dir = keys_dir(root);
-    fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
-    let path = dir.join(format!("{}.json", file.id));
-    let tmp = path.with_extension("json.tmp");
+    let path = keys_dir(root).join(format!("{}.json", file.id));
     let body = serde_json::to_vec_pretty(file).expect("key file serializes");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .ctx(|| format!("create {}", tmp.display()))?;
-    f.write_all(&body)
-        .and_then(|()| f.sync_all())
-        .ctx(|| format!("write {}", tmp.display()))?;
-    fs::rename(&tmp, &path).ctx(|| format!("rename {}", tmp.display()))?;
-    crate::store::manifest::fsync_dir(&dir)
+    durable::replace(&path, &body)
 }
 
 /// Every key file, oldest first.
@@ -169,21 +146,14 @@ pub fn unlock(root: &Path, passphrase: &str) -> Result<([u8; 32], String)> {
 
 fn try_unwrap(file: &KeyFile, passphrase: &str) -> Result<Option<[u8; 32]>> {
     let bad = || Error::invalid(format!("key file {}: malformed wrapped key", file.id));
-    let wrapped = from_hex(&file.wrapped).ok_or_else(bad)?;
-    if wrapped.len() < NONCE_LEN {
+    let mut wrapped = from_hex(&file.wrapped).ok_or_else(bad)?;
+    if wrapped.len() != SEAL_OVERHEAD + 32 {
         return Err(bad());
     }
     let kek = derive(passphrase, &file.kdf)?;
-    let (nonce, sealed) = wrapped.split_at(NONCE_LEN);
-    let opened = Aes256Gcm::new(&kek.into()).decrypt(
-        Nonce::from_slice(nonce),
-        Payload {
-            msg: sealed,
-            aad: &aad(&file.id),
-        },
-    );
-    match opened {
-        Ok(master) => Ok(Some(master.try_into().map_err(|_| bad())?)),
+    match open(&aes_key(&kek), &aad(&file.id), &mut wrapped) {
+        Ok(range) => Ok(Some(wrapped[range].try_into().map_err(|_| bad())?)),
+        // A wrong passphrase and a key file bound to another id look alike.
         Err(_) => Ok(None),
     }
 }
@@ -203,7 +173,7 @@ pub fn remove(root: &Path, id: &str) -> Result<()> {
     }
     let path = keys_dir(root).join(format!("{id}.json"));
     fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
-    crate::store::manifest::fsync_dir(&keys_dir(root))
+    durable::fsync_dir(&keys_dir(root))
 }
 
 #[cfg(test)]

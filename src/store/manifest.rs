@@ -5,8 +5,6 @@
 //! `repair --rebuild-catalog` (invariant 8).
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +16,7 @@ use crate::model::image_map::{ImageMap, Piece, Segment};
 use crate::model::name::{DiskName, SnapshotId};
 use crate::model::snapshot::{format_time, parse_time, SnapshotInfo, SnapshotKind};
 use crate::store::crypto::{from_hex, to_hex, Keys};
+use crate::store::durable;
 
 pub const MANIFEST_FORMAT: &str = "strata-manifest/1";
 
@@ -174,9 +173,6 @@ pub fn write(
     keys: Option<&Keys>,
 ) -> Result<PathBuf> {
     let path = manifest_path(dir, disk, id);
-    let parent = path.parent().expect("manifest path has a parent");
-    fs::create_dir_all(parent).ctx(|| format!("create {}", parent.display()))?;
-    let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
     let mut body = serde_json::to_vec_pretty(m).expect("manifest serializes");
     if let Some(keys) = keys {
         let sealed = SealedManifest {
@@ -187,19 +183,7 @@ pub fn write(
         };
         body = serde_json::to_vec_pretty(&sealed).expect("sealed manifest serializes");
     }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .ctx(|| format!("create {}", tmp.display()))?;
-    f.write_all(&body)
-        .ctx(|| format!("write {}", tmp.display()))?;
-    f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
-    drop(f);
-    fs::rename(&tmp, &path).ctx(|| format!("rename {}", tmp.display()))?;
-    fsync_dir(parent)?;
+    durable::replace(&path, &body)?;
     Ok(path)
 }
 
@@ -229,12 +213,6 @@ pub fn read(path: &Path, keys: Option<&Keys>) -> Result<Manifest> {
         )));
     }
     Ok(m)
-}
-
-pub fn fsync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .ctx(|| format!("fsync {}", dir.display()))
 }
 
 /// Every file under the manifests directory.

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod chunk;
 pub mod crypto;
+pub mod durable;
 pub mod image;
 pub mod keys;
 pub mod lock;

@@ -180,7 +180,7 @@ impl Repository {
         let tmp = root.join("config.json.tmp");
         fs::write(&tmp, body).ctx(|| "write config.json".into())?;
         fs::rename(&tmp, root.join("config.json")).ctx(|| "rename config.json".into())?;
-        manifest::fsync_dir(root)?;
+        crate::store::durable::fsync_dir(root)?;
         match passphrase {
             Some(p) => Self::open_with(root, &|| Ok(p.to_string())),
             None => Self::open(root),
