@@ -217,26 +217,29 @@ impl Repository {
         })
     }
 
-    /// Where scratch files (receive's staging file) go: `tmp/` in the
+    /// Where scratch files (receive's staging file) go: `tmp/` under
+    /// [`scratch_root`](Self::scratch_root).
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.scratch_root().join("tmp")
+    }
+
+    /// Where this host keeps what a push wrote before it is chunked: the
     /// repository, except for an encrypted one, which must hold no disk
     /// content in clear: there, this host's cache directory
     /// (`STRATA_CACHE_DIR`, else `$XDG_CACHE_HOME/strata`, else
     /// `~/.cache/strata`), under a name derived from the repository's path.
-    pub fn scratch_dir(&self) -> PathBuf {
+    pub fn scratch_root(&self) -> PathBuf {
         if self.keys.is_none() {
-            return self.root.join("tmp");
+            return self.root.clone();
         }
         let base = std::env::var_os("STRATA_CACHE_DIR")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("strata")))
             .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/strata")))
             .unwrap_or_else(|| std::env::temp_dir().join("strata"));
-        let root = self
-            .root
-            .canonicalize()
-            .unwrap_or_else(|_| self.root.clone());
+        let root = self.root.canonicalize().unwrap_or_else(|_| self.root.clone());
         let tag = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
-        base.join(&tag[..16]).join("tmp")
+        base.join(&tag[..16])
     }
 
     /// The keys of an encrypted repository.
