@@ -1,6 +1,7 @@
 //! Garbage collection: delete chunks no snapshot references, manifests
-//! without a catalog row, temporaries of interrupted work, and records of
-//! damaged chunks that healed or that nothing uses.
+//! without a catalog row, temporaries of interrupted work, records of
+//! damaged chunks that healed or that nothing uses, and partial pushes
+//! nobody wrote to for [`GcOptions::partial_max_age`].
 //!
 //! gc runs beside backups and mounts. Each backup registers its start time
 //! (see `lock`), and storing a chunk that already exists touches its mtime,
@@ -16,6 +17,7 @@ use std::fs;
 use std::path::Path;
 use std::time::SystemTime;
 
+use chrono::Utc;
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
@@ -23,6 +25,7 @@ use crate::model::chunk_id::ChunkId;
 use crate::store::chunk::trash_path;
 use crate::store::lock::{self, Activity, MaintenanceLock};
 use crate::store::manifest;
+use crate::store::partial;
 use crate::store::pins;
 use crate::store::repo::Repository;
 
@@ -36,13 +39,34 @@ pub struct GcReport {
     pub removed_temporaries: usize,
     /// Records of damaged chunks removed: healed, or used by nothing.
     pub removed_damaged: usize,
+    /// Partial pushes older than the limit, described.
+    pub removed_partials: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    /// A partial push not written to for this long is removed (a retry
+    /// would resume it otherwise; see `store::partial`).
+    pub partial_max_age: chrono::Duration,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            partial_max_age: chrono::Duration::days(partial::DEFAULT_MAX_AGE_DAYS),
+        }
+    }
 }
 
 /// Seconds of slack under the cutoff: file systems stamp mtimes from a
 /// coarse clock that can lag the one `now_secs` reads by a tick.
 const MARGIN_SECS: f64 = 0.1;
 
-pub fn gc(repo: &Repository, _lock: &MaintenanceLock) -> Result<GcReport> {
+pub fn gc(repo: &Repository, lock: &MaintenanceLock) -> Result<GcReport> {
+    gc_with(repo, lock, &GcOptions::default())
+}
+
+pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> Result<GcReport> {
     let holders = lock::holders(repo.root())?;
     let oldest = holders
         .iter()
@@ -78,6 +102,12 @@ pub fn gc(repo: &Repository, _lock: &MaintenanceLock) -> Result<GcReport> {
     }
     sweep_manifests(repo, &snaps, cutoff, &mut report)?;
     sweep_tmp(repo, cutoff, &mut report)?;
+    // A partial's chunks are not needed (its data is in its staging file),
+    // so it is only a matter of age.
+    report.removed_partials = partial::sweep(repo.root(), Utc::now() - opts.partial_max_age)?
+        .iter()
+        .map(|p| p.describe())
+        .collect();
     sweep_damaged(repo, &referenced, &mut report)?;
     log::info!(
         "gc: deleted {} chunks ({} bytes), kept {} recent",

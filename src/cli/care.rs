@@ -13,6 +13,7 @@ use strata::care::{forget as removal, gc as collect, repair as fix};
 use strata::model::name::{DiskName, SnapshotRef};
 use strata::model::snapshot::SnapshotInfo;
 use strata::store::lock::MaintenanceLock;
+use strata::store::partial;
 use strata::store::repo::Repository;
 
 use super::{done_event, open, repo_path, started_event, Cli};
@@ -35,8 +36,11 @@ pub struct VerifyArgs {
 #[derive(Args)]
 pub struct ForgetArgs {
     /// DISK@ID or DISK@latest, one or more.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "partial")]
     snapshots: Vec<String>,
+    /// Remove the partial push of this disk instead (see `partials`).
+    #[arg(long, value_name = "DISK", conflicts_with_all = ["snapshots", "prune"])]
+    partial: Option<String>,
     /// Also delete the data no snapshot references any more.
     #[arg(long)]
     prune: bool,
@@ -170,6 +174,16 @@ fn print_verify_report(report: &VerifyReport, quick: bool) {
 
 pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<ExitCode> {
     let repo = open(cli)?;
+    if let Some(disk) = &a.partial {
+        let disk = DiskName::parse(disk)?;
+        return match partial::remove(repo.root(), &disk)? {
+            Some(p) => {
+                println!("removed the {}", p.describe());
+                Ok(ExitCode::SUCCESS)
+            }
+            None => bail!("disk {disk} has no partial push"),
+        };
+    }
     let lock = MaintenanceLock::acquire(repo.root(), "forget")?;
     let infos = resolve_all(&repo, &a.snapshots)?;
     if let Some(p) = infos.iter().find(|i| i.protected) {
@@ -249,10 +263,23 @@ pub fn protect(cli: &Cli, a: &ProtectArgs, protect: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn gc(cli: &Cli) -> Result<ExitCode> {
+#[derive(Args)]
+pub struct GcArgs {
+    /// Remove partial pushes nobody wrote to for this long (e.g. 7d, 12h).
+    #[arg(long, value_name = "DURATION", default_value = "7d")]
+    partial_max_age: String,
+}
+
+pub fn gc(cli: &Cli, a: &GcArgs) -> Result<ExitCode> {
     let repo = open(cli)?;
+    let opts = collect::GcOptions {
+        partial_max_age: retention::parse_duration(&a.partial_max_age)?,
+    };
     let lock = MaintenanceLock::acquire(repo.root(), "gc")?;
-    let r = collect::gc(&repo, &lock)?;
+    let r = collect::gc_with(&repo, &lock, &opts)?;
+    for p in &r.removed_partials {
+        println!("removed the {p}");
+    }
     println!(
         "deleted {} chunks ({} bytes), {} unreferenced manifests, {} temporaries, {} damaged-chunk \
          records no longer needed; kept {} recent chunks",

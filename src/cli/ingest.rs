@@ -11,7 +11,7 @@ use serde_json::json;
 use strata::ingest::backup::{self, BackupOptions};
 use strata::ingest::changes;
 use strata::ingest::nbd::client::NbdSource;
-use strata::ingest::nbd::server::{self, ReceiveOptions};
+use strata::ingest::nbd::server::{self, ReceiveOptions, Resumption};
 use strata::ingest::nbd::NbdUri;
 use strata::ingest::source::FileSource;
 use strata::model::name::{DiskName, SnapshotRef};
@@ -89,6 +89,10 @@ pub struct ReceiveArgs {
     /// After a writer drops its connection, wait for the next one.
     #[arg(long)]
     keep_listening: bool,
+    /// Discard a partial push of this disk (see `partials`) instead of
+    /// resuming it.
+    #[arg(long)]
+    no_resume: bool,
 }
 
 pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<ExitCode> {
@@ -152,9 +156,15 @@ pub fn receive(cli: &Cli, a: &ReceiveArgs) -> Result<ExitCode> {
         checkpoint: a.checkpoint.clone(),
         bitmap: a.bitmap.clone(),
         keep_listening: a.keep_listening,
+        no_resume: a.no_resume,
     };
     let listen = NbdUri::parse(&a.listen)?;
-    let info = server::receive(&repo, &listen, &opts, || {
+    let info = server::receive(&repo, &listen, &opts, |resumption| {
+        match resumption {
+            Resumption::Fresh => {}
+            Resumption::Resumed(p) => println!("resuming the {}", p.describe()),
+            Resumption::Discarded(p) => println!("discarded the {} (--no-resume)", p.describe()),
+        }
         // Scripts wait for this line before starting QEMU's job.
         println!("listening on {listen}");
         let _ = std::io::Write::flush(&mut std::io::stdout());

@@ -1,4 +1,4 @@
-//! Read-only listings: `snapshots` and `map`.
+//! Read-only listings: `snapshots`, `partials` and `map`.
 
 use std::process::ExitCode;
 
@@ -8,6 +8,7 @@ use clap::Args;
 use strata::model::extent::{ExtentDoc, ExtentKind, EXTENTS_FORMAT};
 use strata::model::name::{DiskName, SnapshotRef};
 use strata::model::snapshot::{format_time, SnapshotInfo};
+use strata::store::partial;
 use strata::store::repo::Repository;
 
 use super::{open, Cli};
@@ -17,6 +18,13 @@ pub struct SnapshotsArgs {
     /// Only this disk.
     #[arg(long)]
     disk: Option<String>,
+    /// One JSON array on stdout, for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct PartialsArgs {
     /// One JSON array on stdout, for scripts.
     #[arg(long)]
     json: bool,
@@ -43,6 +51,37 @@ pub fn snapshots(cli: &Cli, a: &SnapshotsArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_snapshot_table(&snaps);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn partials(cli: &Cli, a: &PartialsArgs) -> Result<ExitCode> {
+    let repo = open(cli)?;
+    let partials = partial::list(repo.root())?;
+    if a.json {
+        let v: Vec<_> = partials.iter().map(|p| p.to_json()).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:<12} {:<21} {:>14} {:>14} {:<20} {:<20} state",
+        "disk", "kind", "parent", "size", "written", "started", "last written"
+    );
+    for p in &partials {
+        println!(
+            "{:<24} {:<12} {:<21} {:>14} {:>14} {:<20} {:<20} {}",
+            p.disk.to_string(),
+            p.target.kind.as_str(),
+            p.target
+                .parent
+                .as_ref()
+                .map_or("-".to_string(), |p| p.to_string()),
+            p.target.size,
+            p.data_bytes,
+            format_time(&p.created),
+            format_time(&p.updated),
+            if p.in_use { "receiving" } else { "resumable" }
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -73,6 +73,9 @@ enum Command {
     Receive(ingest::ReceiveArgs),
     /// List snapshots, oldest first.
     Snapshots(inspect::SnapshotsArgs),
+    /// List partial pushes: what `receive` kept of writers that went away
+    /// without a clean disconnect, for a retry to resume.
+    Partials(inspect::PartialsArgs),
     /// Show the allocation of a point-in-time image (or, with --own, of the snapshot itself).
     Map(inspect::MapArgs),
     /// Write a point-in-time image to a file (sparse) or block device.
@@ -91,8 +94,8 @@ enum Command {
     Protect(care::ProtectArgs),
     /// Undo protect.
     Unprotect(care::ProtectArgs),
-    /// Delete data no snapshot references.
-    Gc,
+    /// Delete data no snapshot references, and old partial pushes.
+    Gc(care::GcArgs),
     /// Repair the repository.
     Repair(care::RepairArgs),
     /// Manage the passphrases of an encrypted repository.
@@ -120,7 +123,11 @@ pub fn main() -> ExitCode {
     // these: commands that talk over sockets must see EPIPE as an error.
     if matches!(
         cli.command,
-        Command::Snapshots(_) | Command::Map(_) | Command::Verify(_) | Command::Completions(_)
+        Command::Snapshots(_)
+            | Command::Partials(_)
+            | Command::Map(_)
+            | Command::Verify(_)
+            | Command::Completions(_)
     ) {
         // SAFETY: restoring the default action of one signal at startup.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
@@ -194,6 +201,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Backup(a) => ingest::backup(cli, a),
         Command::Receive(a) => ingest::receive(cli, a),
         Command::Snapshots(a) => inspect::snapshots(cli, a),
+        Command::Partials(a) => inspect::partials(cli, a),
         Command::Map(a) => inspect::map(cli, a),
         Command::Restore(a) => serve::restore(cli, a),
         Command::Mount(a) => serve::mount(cli, a),
@@ -203,7 +211,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Prune(a) => care::prune(cli, a),
         Command::Protect(a) => care::protect(cli, a, true),
         Command::Unprotect(a) => care::protect(cli, a, false),
-        Command::Gc => care::gc(cli),
+        Command::Gc(a) => care::gc(cli, a),
         Command::Repair(a) => care::repair(cli, a),
         Command::Key(a) => secret::key(cli, a),
         Command::Copy(a) => copy::copy(cli, a),

@@ -6,3 +6,4 @@ pub mod extent;
 pub mod image_map;
 pub mod name;
 pub mod snapshot;
+pub mod written;

@@ -10,6 +10,7 @@ pub mod image;
 pub mod keys;
 pub mod lock;
 pub mod manifest;
+pub mod partial;
 pub mod pins;
 pub mod quarantine;
 pub mod repo;

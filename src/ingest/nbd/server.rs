@@ -1,20 +1,20 @@
 //! `strata receive`: an NBD server that QEMU's `blockdev-backup` pushes
-//! into. Writes are kept in memory per chunk cell and chunked as soon as a
-//! cell is complete (`cells.rs`); what is not (cells written in part, again,
-//! or read back) lands in a sparse staging file under `<repo>/tmp`, so memory
-//! stays bounded. A map of written and zeroed ranges records it all; READ
-//! answers with the image as written so far, over the parent's for an
-//! incremental. The first connection that changed something and then sent
-//! NBD_CMD_DISC is committed through the ordinary backup pipeline, with the
-//! cells chunked on the way. A connection that drops commits nothing; one
-//! that only reads or asks questions changes nothing.
+//! into. Every write lands in the staging file of a *partial* push under
+//! `<repo>/partial/` and its record in the partial's journal before it is
+//! acknowledged; FLUSH syncs both (see `store::partial`). A map of written
+//! and zeroed ranges records it all; READ answers with the image as written
+//! so far, over the parent's for an incremental. Complete chunk cells are
+//! chunked while the push goes on (`cells.rs`). The first connection that
+//! changed something and then sent NBD_CMD_DISC is committed through the
+//! ordinary backup pipeline, and the partial removed. A connection that
+//! drops leaves the partial for a retry (QEMU's `bitmap-mode: always` sends
+//! only what was not acknowledged); one that only reads or asks questions
+//! changes nothing.
 
-use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::cells::Cells;
 use super::wire::*;
@@ -26,9 +26,11 @@ use crate::ingest::source::Source;
 use crate::model::extent::{ByteRange, Extent, ExtentKind};
 use crate::model::image_map::ImageMap;
 use crate::model::name::{DiskName, Selector, SnapshotRef};
-use crate::model::snapshot::SnapshotInfo;
+use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
+use crate::model::written::Written;
 use crate::store::image::{self, ChunkCache};
 use crate::store::lock::{Activity, Registration};
+use crate::store::partial::{Partial, PartialInfo, PushTarget};
 use crate::store::repo::Repository;
 
 #[derive(Debug, Clone, Default)]
@@ -45,99 +47,68 @@ pub struct ReceiveOptions {
     pub bitmap: Option<String>,
     /// Survive a dropped writer and wait for the next connection.
     pub keep_listening: bool,
+    /// Discard a partial push of the disk instead of resuming it.
+    pub no_resume: bool,
 }
 
-/// Written (`data`) and zeroed ranges; later writes replace earlier ones.
-#[derive(Debug, Default)]
-pub(super) struct Written(BTreeMap<u64, (u64, ExtentKind)>);
-
-impl Written {
-    fn insert(&mut self, r: ByteRange, kind: ExtentKind) {
-        let (start, end) = (r.offset, r.end());
-        let overlapping: Vec<(u64, (u64, ExtentKind))> = self
-            .0
-            .range(..end)
-            .rev()
-            .take_while(|(_, (e, _))| *e > start)
-            .map(|(s, v)| (*s, *v))
-            .collect();
-        for (s, (e, k)) in overlapping {
-            self.0.remove(&s);
-            if s < start {
-                self.0.insert(s, (start, k));
-            }
-            if e > end {
-                self.0.insert(end, (e, k));
-            }
-        }
-        self.0.insert(start, (end, kind));
-    }
-
-    fn extents(&self) -> Vec<Extent> {
-        crate::model::extent::coalesce(
-            self.0
-                .iter()
-                .map(|(s, (e, k))| Extent::new(ByteRange::from_bounds(*s, *e), *k)),
-        )
-    }
-
-    /// Entries intersecting `r`, clipped.
-    pub(super) fn within(&self, r: ByteRange) -> Vec<(ByteRange, ExtentKind)> {
-        let first = self
-            .0
-            .range(..=r.offset)
-            .next_back()
-            .map_or(r.offset, |(s, _)| *s);
-        self.0
-            .range(first..r.end())
-            .filter_map(|(s, (e, k))| {
-                ByteRange::from_bounds(*s, *e)
-                    .intersect(&r)
-                    .map(|x| (x, *k))
-            })
-            .collect()
-    }
+/// What became of a partial push found at the start.
+#[derive(Debug, Clone)]
+pub enum Resumption {
+    /// None was there.
+    Fresh,
+    /// It is resumed: the export reads as the parent with it over.
+    Resumed(PartialInfo),
+    /// `--no-resume` removed it.
+    Discarded(PartialInfo),
 }
 
-/// What a receive has gathered: the staging file and the written map.
+/// What a receive has gathered: the partial (made at the first change) and
+/// the written map.
 struct Staging {
-    path: PathBuf,
-    file: File,
-    size: u64,
+    root: PathBuf,
+    disk: DiskName,
+    target: PushTarget,
+    partial: Option<Partial>,
     written: Written,
-    /// What the commit reads from the file: the written ranges without the
-    /// cells chunked as they arrived.
+    /// What the commit reads from the staging file: the written ranges
+    /// without the cells chunked as they arrived.
     plan: Vec<Extent>,
 }
 
 impl Staging {
-    fn new(repo: &Repository, size: u64, n: u32) -> Result<Self> {
-        let dir = repo.scratch_dir();
-        std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
-        let path = dir.join(format!("receive-{}-{n}.raw", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .ctx(|| format!("create {}", path.display()))?;
-        file.set_len(size)
-            .ctx(|| format!("size {}", path.display()))?;
-        Ok(Staging {
-            path,
-            file,
-            size,
-            written: Written::default(),
-            plan: Vec::new(),
-        })
+    fn size(&self) -> u64 {
+        self.target.size
     }
-}
 
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// The partial, created at the first change.
+    fn partial(&mut self) -> Result<&mut Partial> {
+        if self.partial.is_none() {
+            self.partial = Some(Partial::create(&self.root, &self.disk, &self.target)?);
+        }
+        Ok(self.partial.as_mut().expect("just made"))
+    }
+
+    /// A WRITE: staged and recorded before it is acknowledged.
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.partial()?.write(offset, data)?;
+        self.written
+            .insert(ByteRange::new(offset, data.len() as u64), ExtentKind::Data);
+        Ok(())
+    }
+
+    /// A WRITE_ZEROES or TRIM: recorded before it is acknowledged.
+    fn zero(&mut self, range: ByteRange) -> Result<()> {
+        self.partial()?
+            .record(Extent::new(range, ExtentKind::Zero))?;
+        self.written.insert(range, ExtentKind::Zero);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        match &mut self.partial {
+            Some(p) => p.sync(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -147,19 +118,20 @@ impl Source for Staging {
         "the NBD client's writes".into()
     }
     fn size(&self) -> u64 {
-        self.size
+        self.target.size
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file
-            .read_exact_at(buf, offset)
-            .ctx(|| format!("read {}", self.path.display()))
+        match &self.partial {
+            Some(p) => p
+                .staging()
+                .read_exact_at(buf, offset)
+                .ctx(|| format!("read {}", p.staging_path().display())),
+            // Nothing was written: the plan is empty.
+            None => Err(Error::Nbd("no staging file to read".into())),
+        }
     }
     fn allocation(&self) -> Result<Vec<Extent>> {
         Ok(self.plan.clone())
-    }
-    /// Drop the staged data before the commit's syncfs would write it out.
-    fn finished(&self) {
-        let _ = self.file.set_len(0);
     }
     fn reads_anywhere(&self) -> bool {
         false
@@ -194,13 +166,41 @@ enum Outcome {
     Dropped(String),
 }
 
+/// The partial push of `disk` this receive continues, if any: resumed when
+/// it matches `target`, discarded with `no_resume`, refused otherwise.
+fn take_partial(
+    root: &Path,
+    disk: &DiskName,
+    target: &PushTarget,
+    no_resume: bool,
+) -> Result<(Option<Partial>, Written, Resumption)> {
+    let Some((partial, written)) = Partial::open(root, disk)? else {
+        return Ok((None, Written::default(), Resumption::Fresh));
+    };
+    let info = partial.info(&written);
+    if no_resume {
+        partial.discard()?;
+        return Ok((None, Written::default(), Resumption::Discarded(info)));
+    }
+    if partial.target() != target {
+        return Err(Error::invalid(format!(
+            "there is a {} that does not match this receive ({target}); \
+             receive with the options it was started with to resume it, or discard it \
+             with `strata forget --partial {disk}` (or `receive --no-resume`)",
+            info.describe()
+        )));
+    }
+    Ok((Some(partial), written, Resumption::Resumed(info)))
+}
+
 /// Serve `listen` until a writer disconnects cleanly, then commit its
-/// snapshot. `ready` is called once the socket is listening.
+/// snapshot. `ready` is called once the socket is listening, with what
+/// became of a partial push found there.
 pub fn receive(
     repo: &Repository,
     listen: &NbdUri,
     opts: &ReceiveOptions,
-    ready: impl FnOnce(),
+    ready: impl FnOnce(&Resumption),
 ) -> Result<SnapshotInfo> {
     let disk = opts
         .disk
@@ -234,16 +234,31 @@ pub fn receive(
         (None, Some(s)) if s > 0 => s,
         (None, _) => return Err(Error::invalid("a full receive needs --size BYTES")),
     };
+    let target = PushTarget {
+        kind: match (&parent, opts.differential) {
+            (None, _) => SnapshotKind::Full,
+            (Some(_), false) => SnapshotKind::Incremental,
+            (Some(_), true) => SnapshotKind::Differential,
+        },
+        parent: parent.as_ref().map(|p| p.id.clone()),
+        size,
+    };
     let base = parent.as_ref().map(|p| repo.image_map(p)).transpose()?;
     if let (Some(p), Some(map)) = (&parent, &base) {
         refuse_damaged_parent(repo, p, map)?;
     }
+    let (partial, written, resumption) = take_partial(repo.root(), &disk, &target, opts.no_resume)?;
+    let mut staging = Staging {
+        root: repo.root().to_path_buf(),
+        disk: disk.clone(),
+        target,
+        partial,
+        written,
+        plan: Vec::new(),
+    };
     let listener = Listener::bind(&listen.endpoint)?;
-    ready();
-    let mut n = 0;
+    ready(&resumption);
     loop {
-        n += 1;
-        let mut staging = Staging::new(repo, size, n)?;
         let stream = listener.accept()?;
         let (outcome, pre) = std::thread::scope(|s| {
             let mut cells = Cells::start(s, repo, size);
@@ -260,20 +275,33 @@ pub fn receive(
             let pre = match outcome {
                 Outcome::Commit => Some(
                     cells
-                        .finish(&staging.file)
+                        .finish()
                         .map(|pre| (pre, cells.remaining(staging.written.extents()))),
                 ),
                 _ => None,
             };
             (outcome, pre)
         });
+        let kept = || match &staging.partial {
+            Some(p) => format!(
+                "; what was written is kept as a {} (`strata partials`): \
+                 the next receive of {disk} with the same options resumes it",
+                p.info(&staging.written).describe()
+            ),
+            None => String::new(),
+        };
         match outcome {
             Outcome::Untouched => continue,
             Outcome::Dropped(why) if opts.keep_listening => {
-                log::warn!("{why}; nothing committed, waiting for the next connection");
+                log::warn!(
+                    "{why}; nothing committed{}; waiting for the next connection",
+                    kept()
+                );
                 continue;
             }
-            Outcome::Dropped(why) => return Err(Error::Nbd(format!("{why}; nothing committed"))),
+            Outcome::Dropped(why) => {
+                return Err(Error::Nbd(format!("{why}; nothing committed{}", kept())))
+            }
             Outcome::Commit => {
                 let (pre, plan) = pre.expect("finished on commit")?;
                 staging.plan = plan;
@@ -297,7 +325,18 @@ pub fn receive(
                     // Unwritten ranges are not in the staging file to compare.
                     check_unchanged: 0.0,
                 };
-                return backup_with(repo, &staging, &bopts, pre);
+                // If the commit fails the partial stays: the client was told
+                // its writes are stored.
+                let info = backup_with(repo, &staging, &bopts, pre)?;
+                if let Some(p) = staging.partial.take() {
+                    if let Err(e) = p.discard() {
+                        log::warn!(
+                            "{} is committed; removing its partial push: {e}",
+                            info.reference()
+                        );
+                    }
+                }
+                return Ok(info);
             }
         }
     }
@@ -358,7 +397,7 @@ impl Drop for Listener {
 struct Connection<'a, 'c> {
     repo: &'a Repository,
     staging: &'c mut Staging,
-    cells: &'c mut Cells<'a>,
+    cells: &'c mut Cells,
     base: Option<&'a ImageMap>,
     cache: ChunkCache,
     changed: bool,
@@ -426,7 +465,7 @@ impl Connection<'_, '_> {
             r.read_exact(&mut data)?;
             match opt {
                 OPT_EXPORT_NAME => {
-                    w.write_all(&self.staging.size.to_be_bytes())?;
+                    w.write_all(&self.staging.size().to_be_bytes())?;
                     w.write_all(&self.flags().to_be_bytes())?;
                     if !no_zeroes {
                         w.write_all(&[0u8; 124])?;
@@ -437,7 +476,7 @@ impl Connection<'_, '_> {
                 OPT_GO | OPT_INFO => {
                     let mut info = Vec::new();
                     info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-                    info.extend_from_slice(&self.staging.size.to_be_bytes());
+                    info.extend_from_slice(&self.staging.size().to_be_bytes());
                     info.extend_from_slice(&self.flags().to_be_bytes());
                     write_option_reply(w, opt, REP_INFO, &info)?;
                     if wants_block_size(&data) {
@@ -489,7 +528,7 @@ impl Connection<'_, '_> {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
                 Err(e) => return Err(e),
             };
-            let size = self.staging.size;
+            let size = self.staging.size();
             let in_range = req
                 .offset
                 .checked_add(u64::from(req.length))
@@ -506,8 +545,7 @@ impl Connection<'_, '_> {
                     } else {
                         buf.resize(req.length as usize, 0);
                         let range = ByteRange::new(req.offset, req.length.into());
-                        let staged = self.cells.stage(&self.staging.file, range);
-                        match staged.and_then(|()| self.read(range, &mut buf)) {
+                        match self.read(range, &mut buf) {
                             Ok(()) => write_simple_reply(w, 0, req.cookie, &buf)?,
                             Err(e) => {
                                 log::error!("READ: {e}");
@@ -528,24 +566,12 @@ impl Connection<'_, '_> {
                         ENOSPC
                     } else {
                         self.changed = true;
-                        let staging = &mut *self.staging;
-                        match self
-                            .cells
-                            .write(&staging.file, &staging.written, req.offset, &buf)
-                        {
-                            Ok(()) => {
-                                staging.written.insert(
-                                    ByteRange::new(req.offset, req.length.into()),
-                                    ExtentKind::Data,
-                                );
-                                0
-                            }
-                            Err(e) => {
-                                log::error!("WRITE: {e}");
-                                self.failed = true;
-                                EIO
-                            }
-                        }
+                        let range = ByteRange::new(req.offset, req.length.into());
+                        let stored = self
+                            .staging
+                            .write(req.offset, &buf)
+                            .and_then(|()| self.chunk_complete_cells(range));
+                        self.reply_code("WRITE", stored)
                     };
                     write_simple_reply(w, e, req.cookie, &[])?;
                 }
@@ -555,26 +581,24 @@ impl Connection<'_, '_> {
                     } else {
                         self.changed = true;
                         let range = ByteRange::new(req.offset, req.length.into());
-                        if req.length == 0 {
-                            0
-                        } else if let Err(e) = self.cells.zero(&self.staging.file, range) {
-                            log::error!("WRITE_ZEROES/TRIM: {e}");
-                            self.failed = true;
-                            EIO
+                        let stored = if range.is_empty() {
+                            Ok(())
                         } else {
-                            self.staging.written.insert(range, ExtentKind::Zero);
-                            0
-                        }
+                            self.staging
+                                .zero(range)
+                                .and_then(|()| self.chunk_complete_cells(range))
+                        };
+                        self.reply_code("WRITE_ZEROES/TRIM", stored)
                     };
                     write_simple_reply(w, e, req.cookie, &[])?;
                 }
-                // The staging file is scratch: a crash discards it whether
-                // or not it was synced, and what a clean DISC commits is
-                // made durable by the commit. Syncing here would write the
-                // whole backup to disk once more for nothing.
+                // QEMU counts everything acknowledged before an acknowledged
+                // FLUSH as safe from a crash of the machine.
                 CMD_FLUSH => {
                     self.changed = true;
-                    write_simple_reply(w, 0, req.cookie, &[])?;
+                    let synced = self.staging.flush();
+                    let e = self.reply_code("FLUSH", synced);
+                    write_simple_reply(w, e, req.cookie, &[])?;
                 }
                 CMD_CACHE => write_simple_reply(w, 0, req.cookie, &[])?,
                 _ => write_simple_reply(w, EINVAL, req.cookie, &[])?,
@@ -584,6 +608,29 @@ impl Connection<'_, '_> {
             if r.buffer().is_empty() {
                 w.flush()?;
             }
+        }
+    }
+
+    /// The NBD error for a change that was (not) stored; a connection with
+    /// one failed change is never committed.
+    fn reply_code(&mut self, what: &str, stored: Result<()>) -> u32 {
+        match stored {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error!("{what}: {e}");
+                self.failed = true;
+                EIO
+            }
+        }
+    }
+
+    /// Hand the cells a change completed to the chunking workers.
+    fn chunk_complete_cells(&mut self, range: ByteRange) -> Result<()> {
+        match &self.staging.partial {
+            Some(p) => self
+                .cells
+                .changed(range, &self.staging.written, p.staging()),
+            None => Ok(()),
         }
     }
 
@@ -625,47 +672,4 @@ fn wants_block_size(data: &[u8]) -> bool {
         rest.get(2 + 2 * i..4 + 2 * i)
             .is_some_and(|b| u16::from_be_bytes(b.try_into().expect("2")) == INFO_BLOCK_SIZE)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn written_map_overrides() {
-        let triples = |w: &Written| -> Vec<(u64, u64, ExtentKind)> {
-            w.extents()
-                .iter()
-                .map(|e| (e.offset, e.length, e.kind))
-                .collect()
-        };
-        let mut w = Written::default();
-        w.insert(ByteRange::new(0, 100), ExtentKind::Data);
-        w.insert(ByteRange::new(40, 20), ExtentKind::Zero);
-        w.insert(ByteRange::new(90, 30), ExtentKind::Data);
-        assert_eq!(
-            triples(&w),
-            vec![
-                (0, 40, ExtentKind::Data),
-                (40, 20, ExtentKind::Zero),
-                (60, 60, ExtentKind::Data)
-            ]
-        );
-        w.insert(ByteRange::new(10, 100), ExtentKind::Zero);
-        assert_eq!(
-            triples(&w),
-            vec![
-                (0, 10, ExtentKind::Data),
-                (10, 100, ExtentKind::Zero),
-                (110, 10, ExtentKind::Data)
-            ]
-        );
-        assert_eq!(
-            w.within(ByteRange::new(5, 10)),
-            vec![
-                (ByteRange::new(5, 5), ExtentKind::Data),
-                (ByteRange::new(10, 5), ExtentKind::Zero)
-            ]
-        );
-    }
 }
