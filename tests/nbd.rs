@@ -18,6 +18,8 @@ struct Qsd {
     dir: PathBuf,
     pid: i32,
     qmp: BufReader<UnixStream>,
+    /// Events that arrived while a command waited for its return.
+    events: Vec<Value>,
 }
 
 impl Qsd {
@@ -53,7 +55,12 @@ impl Qsd {
         let mut qmp = BufReader::new(UnixStream::connect(dir.join("qmp.sock")).unwrap());
         let mut greeting = String::new();
         qmp.read_line(&mut greeting).unwrap();
-        let mut q = Qsd { dir, pid, qmp };
+        let mut q = Qsd {
+            dir,
+            pid,
+            qmp,
+            events: Vec::new(),
+        };
         q.cmd("qmp_capabilities", json!({}));
         q
     }
@@ -74,6 +81,7 @@ impl Qsd {
             if v.get("return").is_some() || v.get("error").is_some() {
                 return v;
             }
+            self.events.push(v);
         }
     }
 
@@ -92,12 +100,17 @@ impl Qsd {
 
     /// Wait for the job's BLOCK_JOB_COMPLETED (or _CANCELLED) event.
     fn wait_job(&mut self, job: &str) -> Value {
+        let ends = |v: &Value| {
+            let ev = v["event"].as_str().unwrap_or("");
+            (ev == "BLOCK_JOB_COMPLETED" || ev == "BLOCK_JOB_CANCELLED")
+                && v["data"]["device"] == job
+        };
+        if let Some(i) = self.events.iter().position(ends) {
+            return self.events.remove(i);
+        }
         loop {
             let v = self.next();
-            let ev = v["event"].as_str().unwrap_or("");
-            if (ev == "BLOCK_JOB_COMPLETED" || ev == "BLOCK_JOB_CANCELLED")
-                && v["data"]["device"] == job
-            {
+            if ends(&v) {
                 return v;
             }
         }
@@ -150,15 +163,28 @@ fn start_receive(env: &Env, args: &[&str]) -> (Child, PathBuf) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.starts_with("listening"),
-        "receive did not start: {line:?}"
-    );
+    let notes = wait_listening(&mut child);
+    assert!(notes.is_empty(), "unexpected notes: {notes}");
     (child, sock)
+}
+
+/// Read receive's stdout up to its "listening on" line; return what came
+/// before it (what became of a partial push).
+fn wait_listening(child: &mut Child) -> String {
+    let mut r = BufReader::new(child.stdout.as_mut().unwrap());
+    let mut notes = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap() == 0 {
+            let mut err = String::new();
+            let _ = child.stderr.as_mut().unwrap().read_to_string(&mut err);
+            panic!("receive did not start: {notes}{err}");
+        }
+        if line.starts_with("listening") {
+            return notes;
+        }
+        notes.push_str(&line);
+    }
 }
 
 fn finish(child: Child) -> (bool, String) {
@@ -735,7 +761,553 @@ fn tcp_and_keep_listening() {
     );
     let (ok, out) = finish(child);
     assert!(ok, "{out}");
-    // The dropped writer's 512 bytes of 9s are not in the snapshot.
+    // The dropped writer's 512 bytes of 9s were kept and resumed by the
+    // next connection, whose copy of the whole disk wrote over them.
     env.assert_restores("tcp2@latest", &truth);
     assert_eq!(env.snapshots().len(), 2);
+}
+
+// ---------------------------------------------------------------------------
+// Resumable pushes: QEMU's `bitmap-mode: always` retried into a new receive.
+
+/// `strata receive` in the background, killed (-9) if still running when
+/// dropped, so that a failing test leaves no process behind.
+struct Receiving {
+    child: Option<Child>,
+    sock: PathBuf,
+    /// stdout before "listening on": what became of a partial push.
+    notes: String,
+}
+
+impl Receiving {
+    fn start(env: &Env, tag: &str, args: &[&str]) -> Self {
+        let sock = env.path(&format!("recv-{tag}.sock"));
+        let listen = format!("nbd+unix:///?socket={}", sock.display());
+        let mut child = env
+            .cmd()
+            .args(["receive", "--listen", &listen])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let notes = wait_listening(&mut child);
+        Receiving {
+            child: Some(child),
+            sock,
+            notes,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Wait for it to exit: (success, stdout and stderr).
+    fn finish(mut self) -> (bool, String) {
+        finish(self.child.take().unwrap())
+    }
+
+    fn signal(mut self, sig: i32) -> (bool, String) {
+        // SAFETY: signalling the child we started and have not reaped.
+        unsafe { libc::kill(self.pid(), sig) };
+        finish(self.child.take().unwrap())
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The NBD node of a receive, added to QEMU.
+fn add_target(q: &mut Qsd, node: &str, sock: &Path) {
+    q.cmd(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": node, "server": {"type": "unix", "path": sock}, "export": ""}),
+    );
+}
+
+/// Bytes a dirty bitmap of `disk0` marks.
+fn bitmap_count(q: &mut Qsd, name: &str) -> u64 {
+    let nodes = q.cmd("query-named-block-nodes", json!({}));
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["node-name"] == "disk0")
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no bitmap {name}"))["count"]
+        .as_u64()
+        .unwrap()
+}
+
+/// `strata partials --json`.
+fn partials(env: &Env) -> Vec<Value> {
+    serde_json::from_str(&env.ok(&["partials", "--json"])).unwrap()
+}
+
+/// Poll until the partial of `disk` holds at least `bytes` of data; fail
+/// after a deadline.
+fn wait_partial_bytes(env: &Env, disk: &str, bytes: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let got = partials(env)
+            .iter()
+            .find(|p| p["disk"] == disk)
+            .map_or(0, |p| p["data_bytes"].as_u64().unwrap());
+        if got >= bytes {
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the partial of {disk} never reached {bytes} bytes ({got})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A byte pipe between QEMU and a receive that the test can cut, as a
+/// network would: both sides see the connection drop, nobody sends DISC.
+struct Proxy {
+    path: PathBuf,
+    streams: std::sync::Arc<std::sync::Mutex<Vec<UnixStream>>>,
+}
+
+impl Proxy {
+    fn start(env: &Env, to: &Path) -> Self {
+        let path = env.path("proxy.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let streams = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (to, kept) = (to.to_path_buf(), streams.clone());
+        std::thread::spawn(move || {
+            let Ok((front, _)) = listener.accept() else {
+                return;
+            };
+            let back = UnixStream::connect(&to).unwrap();
+            let mut k = kept.lock().unwrap();
+            for (mut from, mut into) in [
+                (front.try_clone().unwrap(), back.try_clone().unwrap()),
+                (back.try_clone().unwrap(), front.try_clone().unwrap()),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Both);
+                });
+            }
+            k.extend([front, back]);
+        });
+        Proxy { path, streams }
+    }
+
+    fn cut(&self) {
+        for s in self.streams.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+/// How a push is interrupted midway.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Cut {
+    /// `kill -9` of receive.
+    Kill,
+    /// block-job-cancel, then receive is stopped before blockdev-del (which
+    /// would disconnect cleanly and commit), as docs/QEMU.md says.
+    Cancel,
+    /// The connection drops under both.
+    Drop,
+}
+
+const MIB: u64 = 1 << 20;
+
+/// A disk with a full snapshot and bitmap `b0` started at that moment, then
+/// written to: 13 MiB dirty in b0. Returns the qcow2 (served by the Qsd).
+fn disk_with_parent(env: &Env) -> (Qcow, String) {
+    let disk = Qcow::create(env.path("d.qcow2"), 32 * MIB);
+    disk.io(&["write -P 0x31 0 16M"]);
+    disk.add_bitmap("b0");
+    let t0 = disk.truth(&env.path("t0.raw"));
+    let full = env.backup(&["--disk", "vm", t0.to_str().unwrap()]);
+    (disk, full)
+}
+
+fn guest_writes(q: &Qsd) {
+    q.io(&[
+        "write -P 0x61 0 8M",
+        "write -z 9M 1M",
+        "write -P 0x62 20M 4M",
+        "write -P 0x63 31M 64k",
+    ]);
+}
+
+/// Start a throttled `bitmap-mode: always` job into `node`, let at least
+/// 2 MiB arrive, and cut it as `cut` says. Returns what the partial holds.
+fn cut_push(env: &Env, q: &mut Qsd, recv: Receiving, cut: Cut, node: &str, job: Value) -> u64 {
+    let job_id = job["job-id"].as_str().unwrap().to_string();
+    q.cmd("blockdev-backup", job);
+    let seen = wait_partial_bytes(env, "vm", 2 * MIB);
+    match cut {
+        Cut::Kill => {
+            // SAFETY: see Receiving::signal.
+            let (ok, _) = recv.signal(libc::SIGKILL);
+            assert!(!ok);
+            let ev = q.wait_job(&job_id);
+            assert!(ev["data"].get("error").is_some(), "{ev}");
+        }
+        Cut::Cancel => {
+            q.cmd("block-job-cancel", json!({"device": job_id}));
+            let ev = q.wait_job(&job_id);
+            assert_eq!(ev["event"], "BLOCK_JOB_CANCELLED", "{ev}");
+            let (ok, out) = recv.signal(libc::SIGTERM);
+            assert!(!ok, "{out}");
+        }
+        Cut::Drop => unreachable!("cut by the proxy"),
+    }
+    let _ = q.send("blockdev-del", json!({"node-name": node}));
+    seen
+}
+
+/// The whole story for one kind of cut: an incremental push with
+/// `sync=bitmap, bitmap-mode: always` cut midway, then retried into a new
+/// receive that resumes the partial; the snapshot is byte-exact.
+fn resume_incremental_after(cut: Cut) {
+    let env = Env::new();
+    let (disk, full) = disk_with_parent(&env);
+    let mut q = Qsd::start(&env, &disk);
+    guest_writes(&q);
+    let t1 = q.truth(&env.path("t1.raw"));
+    let dirty = 8 * MIB + MIB + 4 * MIB + 64 * 1024;
+
+    let recv = Receiving::start(
+        &env,
+        "a",
+        &["--disk", "vm", "--incremental", "--bitmap", "b0"],
+    );
+    let proxy = (cut == Cut::Drop).then(|| Proxy::start(&env, &recv.sock));
+    let target = proxy.as_ref().map_or(recv.sock.clone(), |p| p.path.clone());
+    add_target(&mut q, "ta", &target);
+    q.cmd("transaction", json!({"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "b1", "persistent": true}},
+        {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "b0"}},
+    ]}));
+    let job = json!({"device": "disk0", "target": "ta", "sync": "bitmap", "bitmap": "b0",
+        "bitmap-mode": "always", "job-id": "ja", "speed": 2 * MIB});
+    let kept = if let Some(proxy) = &proxy {
+        q.cmd("blockdev-backup", job);
+        let seen = wait_partial_bytes(&env, "vm", 2 * MIB);
+        proxy.cut();
+        let ev = q.wait_job("ja");
+        assert!(ev["data"].get("error").is_some(), "{ev}");
+        let _ = q.send("blockdev-del", json!({"node-name": "ta"}));
+        let (ok, out) = recv.finish();
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains("nothing committed") && out.contains("partial push of vm"),
+            "{out}"
+        );
+        seen
+    } else {
+        cut_push(&env, &mut q, recv, cut, "ta", job)
+    };
+    assert_eq!(env.snapshots().len(), 1, "a cut push commits nothing");
+
+    // The partial: listed, durable, smaller than the whole job.
+    let listed = partials(&env);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let p = &listed[0];
+    assert_eq!(p["disk"], "vm");
+    assert_eq!(p["kind"], "incremental");
+    assert_eq!(p["parent"], full.split('@').nth(1).unwrap());
+    assert_eq!(p["in_use"], false);
+    let held = p["data_bytes"].as_u64().unwrap() + p["zero_bytes"].as_u64().unwrap();
+    assert!(
+        held >= kept && held < dirty,
+        "cut midway: {held} of {dirty}"
+    );
+    // QEMU cleared the bits of what was acknowledged, and kept the rest.
+    let left = bitmap_count(&mut q, "b0");
+    assert!(
+        left > 0 && left < dirty,
+        "b0 still marks {left} of {dirty} bytes"
+    );
+
+    // gc leaves a fresh partial alone.
+    env.ok(&["gc"]);
+    assert_eq!(partials(&env).len(), 1, "gc removed a fresh partial");
+
+    match cut {
+        Cut::Kill => control_without_resume(&env, &mut q, &t1),
+        Cut::Cancel => refuse_mismatch(&env),
+        Cut::Drop => {}
+    }
+
+    // The retry sends only what b0 still marks, and resumes the partial.
+    let recv = Receiving::start(
+        &env,
+        "b",
+        &["--disk", "vm", "--incremental", "--bitmap", "b0"],
+    );
+    assert!(
+        recv.notes.contains("resuming the partial push of vm"),
+        "{}",
+        recv.notes
+    );
+    add_target(&mut q, "tb", &recv.sock);
+    q.cmd(
+        "blockdev-backup",
+        json!({"device": "disk0", "target": "tb", "sync": "bitmap",
+        "bitmap": "b0", "bitmap-mode": "always", "job-id": "jb"}),
+    );
+    let ev = q.wait_job("jb");
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    q.cmd("blockdev-del", json!({"node-name": "tb"}));
+    let (ok, out) = recv.finish();
+    assert!(ok, "{out}");
+    let snaps = env.snapshots();
+    assert_eq!(snaps.len(), 2, "one snapshot for both attempts");
+    assert_eq!(snaps[1]["kind"], "incremental");
+    env.assert_restores("vm@latest", &t1);
+    assert!(partials(&env).is_empty(), "the committed partial is gone");
+    assert!(env.run(&["verify"]).status.success());
+}
+
+/// The control: the retry alone, without the partial (`--no-resume`),
+/// commits an image that is not the disk. The partial is set aside and put
+/// back afterwards, and the control's snapshot forgotten, so that the real
+/// retry runs as if this never happened; `bitmap-mode: never` leaves b0 as
+/// it is.
+fn control_without_resume(env: &Env, q: &mut Qsd, truth: &Path) {
+    let saved = env.path("saved-partial");
+    sh(
+        "cp",
+        &[
+            "-a",
+            env.repo.join("partial/vm").to_str().unwrap(),
+            saved.to_str().unwrap(),
+        ],
+    );
+    let recv = Receiving::start(env, "c", &["--disk", "vm", "--incremental", "--no-resume"]);
+    assert!(
+        recv.notes.contains("discarded the partial push of vm"),
+        "{}",
+        recv.notes
+    );
+    assert!(partials(env).is_empty());
+    add_target(q, "tc", &recv.sock);
+    q.cmd(
+        "blockdev-backup",
+        json!({"device": "disk0", "target": "tc", "sync": "bitmap",
+        "bitmap": "b0", "bitmap-mode": "never", "job-id": "jc"}),
+    );
+    let ev = q.wait_job("jc");
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    q.cmd("blockdev-del", json!({"node-name": "tc"}));
+    let (ok, out) = recv.finish();
+    assert!(ok, "{out}");
+    let out_path = env.path("control.raw");
+    env.ok(&["restore", "vm@latest", out_path.to_str().unwrap()]);
+    let same = Command::new("cmp")
+        .arg("-s")
+        .arg(&out_path)
+        .arg(truth)
+        .status()
+        .unwrap();
+    assert!(
+        !same.success(),
+        "the retry alone already had everything: the test proves nothing"
+    );
+    env.ok(&["forget", "vm@latest"]);
+    sh(
+        "cp",
+        &[
+            "-a",
+            saved.to_str().unwrap(),
+            env.repo.join("partial/vm").to_str().unwrap(),
+        ],
+    );
+}
+
+/// A receive whose kind, parent or size differs refuses, naming the partial.
+fn refuse_mismatch(env: &Env) {
+    let listen = format!("nbd+unix:///?socket={}", env.path("m.sock").display());
+    for args in [
+        vec!["--size", "33554432"],
+        vec!["--incremental", "--differential"],
+    ] {
+        let mut all = vec!["receive", "--disk", "vm", "--listen", &listen];
+        all.extend(args);
+        let err = env.fails(&all);
+        assert!(
+            err.contains("partial push of vm") && err.contains("strata forget --partial vm"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        partials(env).len(),
+        1,
+        "a refused receive keeps the partial"
+    );
+}
+
+#[test]
+fn resume_push_after_receive_killed() {
+    resume_incremental_after(Cut::Kill);
+}
+
+#[test]
+fn resume_push_after_job_cancelled() {
+    resume_incremental_after(Cut::Cancel);
+}
+
+#[test]
+fn resume_push_after_connection_dropped() {
+    resume_incremental_after(Cut::Drop);
+}
+
+/// A re-tryable full: `sync=full` with a bitmap and `bitmap-mode: always`
+/// into `receive --size`, receive killed midway, new writes, then the retry
+/// with `sync=bitmap` on that bitmap into a new `receive --size`.
+#[test]
+fn resume_full_push_after_receive_killed() {
+    let env = Env::new();
+    let disk = Qcow::create(env.path("f.qcow2"), 32 * MIB);
+    disk.io(&["write -P 0x41 0 12M", "write -P 0x42 16M 8M"]);
+    let mut q = Qsd::start(&env, &disk);
+    let size = (32 * MIB).to_string();
+    let recv = Receiving::start(&env, "a", &["--disk", "vm", "--size", &size]);
+    add_target(&mut q, "ta", &recv.sock);
+    q.cmd(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk0", "name": "bf", "persistent": true}),
+    );
+    let job = json!({"device": "disk0", "target": "ta", "sync": "full", "bitmap": "bf",
+        "bitmap-mode": "always", "job-id": "ja", "speed": 2 * MIB});
+    cut_push(&env, &mut q, recv, Cut::Kill, "ta", job);
+    let listed = partials(&env);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["kind"], "full");
+    assert!(listed[0]["data_bytes"].as_u64().unwrap() < 20 * MIB);
+
+    // The guest writes on; bf records it with what was not copied.
+    q.io(&["write -P 0x43 2M 1M", "write -z 17M 1M"]);
+    let truth = q.truth(&env.path("t.raw"));
+    let recv = Receiving::start(&env, "b", &["--disk", "vm", "--size", &size]);
+    assert!(
+        recv.notes.contains("resuming the partial push of vm"),
+        "{}",
+        recv.notes
+    );
+    add_target(&mut q, "tb", &recv.sock);
+    q.cmd(
+        "blockdev-backup",
+        json!({"device": "disk0", "target": "tb", "sync": "bitmap",
+        "bitmap": "bf", "bitmap-mode": "always", "job-id": "jb"}),
+    );
+    let ev = q.wait_job("jb");
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    q.cmd("blockdev-del", json!({"node-name": "tb"}));
+    let (ok, out) = recv.finish();
+    assert!(ok, "{out}");
+    let snaps = env.snapshots();
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0]["kind"], "full");
+    env.assert_restores("vm@latest", &truth);
+    assert!(partials(&env).is_empty());
+}
+
+/// The partial's life with a hand-driven client: kept on a drop (with the
+/// message saying so), resumed (the export reads the partial's writes),
+/// removed by `forget --partial`, discarded by `--no-resume`, and removed
+/// by gc only past `--partial-max-age`.
+#[test]
+fn partial_push_lifecycle() {
+    use strata::ingest::nbd::wire::*;
+    let env = Env::new();
+    let size = 8 * MIB;
+    let sz = size.to_string();
+    let args = ["--disk", "r", "--size", sz.as_str()];
+    let connect = |recv: &Receiving| {
+        let mut c = UnixStream::connect(&recv.sock).unwrap();
+        assert_eq!(raw_handshake(&mut c), size);
+        Writer {
+            c,
+            cookie: 0,
+            truth: vec![0u8; size as usize],
+        }
+    };
+    let drop_writer = |env: &Env, tag: &str, args: &[&str], seed: u64| {
+        let recv = Receiving::start(env, tag, args);
+        let mut w = connect(&recv);
+        w.write(MIB, &common::random_bytes(seed, 3 * MIB as usize));
+        w.send(CMD_FLUSH, 0, 0, &[]);
+        drop(w);
+        let (ok, out) = recv.finish();
+        assert!(!ok && out.contains("nothing committed"), "{out}");
+        assert!(out.contains("partial push of r"), "{out}");
+    };
+
+    drop_writer(&env, "a", &args, 1);
+    let listed = partials(&env);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["data_bytes"], 3 * MIB);
+    env.ok(&["gc"]);
+    env.ok(&["gc", "--partial-max-age", "1h"]);
+    assert_eq!(partials(&env).len(), 1);
+
+    // Resumed: the export reads as the partial; a DISC commits both.
+    let recv = Receiving::start(&env, "b", &args);
+    assert!(recv.notes.contains("resuming"), "{}", recv.notes);
+    let mut w = connect(&recv);
+    w.truth[MIB as usize..4 * MIB as usize]
+        .copy_from_slice(&common::random_bytes(1, 3 * MIB as usize));
+    w.check_read(MIB - 4096, 2 * MIB as usize);
+    w.write(3 * MIB + 5000, &common::random_bytes(2, 2 * MIB as usize));
+    w.zero(CMD_WRITE_ZEROES, 0, 4096);
+    req(CMD_DISC, 0, 0, 0).write_to(&mut w.c).unwrap();
+    let (ok, out) = recv.finish();
+    assert!(ok, "{out}");
+    let truth = env.path("truth.raw");
+    std::fs::write(&truth, &w.truth).unwrap();
+    env.assert_restores("r@latest", &truth);
+    assert!(partials(&env).is_empty());
+
+    // forget --partial removes it; a second time there is none.
+    drop_writer(&env, "c", &args, 3);
+    let out = env.ok(&["forget", "--partial", "r"]);
+    assert!(out.contains("removed the partial push of r"), "{out}");
+    assert!(partials(&env).is_empty());
+    let err = env.fails(&["forget", "--partial", "r"]);
+    assert!(err.contains("no partial push"), "{err}");
+
+    // --no-resume discards and says so; the new push starts empty.
+    drop_writer(&env, "d", &args, 4);
+    let recv = Receiving::start(&env, "e", &["--disk", "r", "--size", &sz, "--no-resume"]);
+    assert!(
+        recv.notes.contains("discarded the partial push of r"),
+        "{}",
+        recv.notes
+    );
+    let mut w = connect(&recv);
+    w.check_read(MIB, 4096);
+    drop(w);
+    drop(recv);
+
+    // gc removes a partial past the age given.
+    drop_writer(&env, "f", &args, 5);
+    let out = env.ok(&["gc", "--partial-max-age", "0h"]);
+    assert!(out.contains("removed the partial push of r"), "{out}");
+    assert!(partials(&env).is_empty());
+    assert_eq!(env.snapshots().len(), 1);
 }
