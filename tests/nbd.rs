@@ -163,8 +163,7 @@ fn start_receive(env: &Env, args: &[&str]) -> (Child, PathBuf) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let notes = wait_listening(&mut child);
-    assert!(notes.is_empty(), "unexpected notes: {notes}");
+    wait_listening(&mut child);
     (child, sock)
 }
 
@@ -960,7 +959,6 @@ fn cut_push(env: &Env, q: &mut Qsd, recv: Receiving, cut: Cut, node: &str, job: 
     let seen = wait_partial_bytes(env, "vm", 2 * MIB);
     match cut {
         Cut::Kill => {
-            // SAFETY: see Receiving::signal.
             let (ok, _) = recv.signal(libc::SIGKILL);
             assert!(!ok);
             let ev = q.wait_job(&job_id);

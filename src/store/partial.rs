@@ -316,7 +316,6 @@ impl Partial {
         let tmp = dir.join(format!("journal.tmp.{}", std::process::id()));
         let journal = OpenOptions::new()
             .read(true)
-            .write(true)
             .append(true)
             .create(true)
             .mode(0o600)
