@@ -951,22 +951,30 @@ fn guest_writes(q: &Qsd) {
     ]);
 }
 
-/// Start a throttled `bitmap-mode: always` job into `node`, let at least
-/// 2 MiB arrive, and cut it as `cut` says. Returns what the partial holds.
-fn cut_push(env: &Env, q: &mut Qsd, recv: Receiving, cut: Cut, node: &str, job: Value) -> u64 {
-    let job_id = job["job-id"].as_str().unwrap().to_string();
-    q.cmd("blockdev-backup", job);
+/// Start a throttled `bitmap-mode: always` job (`job_id`, by the
+/// `transaction` of `actions`) into `node`, let at least 2 MiB arrive, and
+/// cut it as `cut` says. Returns what the partial held then.
+fn cut_push(
+    env: &Env,
+    q: &mut Qsd,
+    recv: Receiving,
+    cut: Cut,
+    node: &str,
+    job_id: &str,
+    actions: Value,
+) -> u64 {
+    q.cmd("transaction", json!({ "actions": actions }));
     let seen = wait_partial_bytes(env, "vm", 2 * MIB);
     match cut {
         Cut::Kill => {
             let (ok, _) = recv.signal(libc::SIGKILL);
             assert!(!ok);
-            let ev = q.wait_job(&job_id);
+            let ev = q.wait_job(job_id);
             assert!(ev["data"].get("error").is_some(), "{ev}");
         }
         Cut::Cancel => {
             q.cmd("block-job-cancel", json!({"device": job_id}));
-            let ev = q.wait_job(&job_id);
+            let ev = q.wait_job(job_id);
             assert_eq!(ev["event"], "BLOCK_JOB_CANCELLED", "{ev}");
             let (ok, out) = recv.signal(libc::SIGTERM);
             assert!(!ok, "{out}");
@@ -996,14 +1004,15 @@ fn resume_incremental_after(cut: Cut) {
     let proxy = (cut == Cut::Drop).then(|| Proxy::start(&env, &recv.sock));
     let target = proxy.as_ref().map_or(recv.sock.clone(), |p| p.path.clone());
     add_target(&mut q, "ta", &target);
-    q.cmd("transaction", json!({"actions": [
+    // docs/QEMU.md's transaction, throttled so that the cut is midway.
+    let actions = json!([
         {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "b1", "persistent": true}},
         {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "b0"}},
-    ]}));
-    let job = json!({"device": "disk0", "target": "ta", "sync": "bitmap", "bitmap": "b0",
-        "bitmap-mode": "always", "job-id": "ja", "speed": 2 * MIB});
+        {"type": "blockdev-backup", "data": {"device": "disk0", "target": "ta", "sync": "bitmap",
+            "bitmap": "b0", "bitmap-mode": "always", "job-id": "ja", "speed": 2 * MIB}},
+    ]);
     let kept = if let Some(proxy) = &proxy {
-        q.cmd("blockdev-backup", job);
+        q.cmd("transaction", json!({ "actions": actions }));
         let seen = wait_partial_bytes(&env, "vm", 2 * MIB);
         proxy.cut();
         let ev = q.wait_job("ja");
@@ -1017,7 +1026,7 @@ fn resume_incremental_after(cut: Cut) {
         );
         seen
     } else {
-        cut_push(&env, &mut q, recv, cut, "ta", job)
+        cut_push(&env, &mut q, recv, cut, "ta", "ja", actions)
     };
     assert_eq!(env.snapshots().len(), 1, "a cut push commits nothing");
 
@@ -1186,13 +1195,12 @@ fn resume_full_push_after_receive_killed() {
     let size = (32 * MIB).to_string();
     let recv = Receiving::start(&env, "a", &["--disk", "vm", "--size", &size]);
     add_target(&mut q, "ta", &recv.sock);
-    q.cmd(
-        "block-dirty-bitmap-add",
-        json!({"node": "disk0", "name": "bf", "persistent": true}),
-    );
-    let job = json!({"device": "disk0", "target": "ta", "sync": "full", "bitmap": "bf",
-        "bitmap-mode": "always", "job-id": "ja", "speed": 2 * MIB});
-    cut_push(&env, &mut q, recv, Cut::Kill, "ta", job);
+    let actions = json!([
+        {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "bf", "persistent": true}},
+        {"type": "blockdev-backup", "data": {"device": "disk0", "target": "ta", "sync": "full",
+            "bitmap": "bf", "bitmap-mode": "always", "job-id": "ja", "speed": 2 * MIB}},
+    ]);
+    cut_push(&env, &mut q, recv, Cut::Kill, "ta", "ja", actions);
     let listed = partials(&env);
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["kind"], "full");
