@@ -177,8 +177,8 @@ pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<ExitCode> {
     if let Some(disk) = &a.partial {
         let disk = DiskName::parse(disk)?;
         return match partial::remove(repo.root(), &disk)? {
-            Some(p) => {
-                println!("removed the {}", p.describe());
+            Some(what) => {
+                println!("removed the {what}");
                 Ok(ExitCode::SUCCESS)
             }
             None => bail!("disk {disk} has no partial push"),

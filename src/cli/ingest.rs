@@ -163,7 +163,7 @@ pub fn receive(cli: &Cli, a: &ReceiveArgs) -> Result<ExitCode> {
         match resumption {
             Resumption::Fresh => {}
             Resumption::Resumed(p) => println!("resuming the {}", p.describe()),
-            Resumption::Discarded(p) => println!("discarded the {} (--no-resume)", p.describe()),
+            Resumption::Discarded(what) => println!("discarded the {what} (--no-resume)"),
         }
         // Scripts wait for this line before starting QEMU's job.
         println!("listening on {listen}");

@@ -303,6 +303,12 @@ fn read_meta(dir: &Path) -> Result<(DiskName, PushTarget, DateTime<Utc>)> {
     Ok((disk, target, created))
 }
 
+fn unreadable(disk: &DiskName, e: Error) -> Error {
+    Error::invalid(format!(
+        "the partial push of {disk} is unreadable ({e}); remove it with `strata forget --partial {disk}`"
+    ))
+}
+
 fn mtime(path: &Path) -> Option<DateTime<Utc>> {
     fs::metadata(path).ok()?.modified().ok().map(DateTime::from)
 }
@@ -401,7 +407,7 @@ impl Partial {
             }
             Locked::Held(f) => f,
         };
-        let (meta_disk, target, created) = read_meta(&dir)?;
+        let (meta_disk, target, created) = read_meta(&dir).map_err(|e| unreadable(disk, e))?;
         if meta_disk != *disk {
             return Err(Error::invalid(format!(
                 "{} describes disk {meta_disk}, not {disk}",
@@ -538,7 +544,13 @@ pub fn list(root: &Path) -> Result<Vec<PartialInfo>> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(format!("open {}", jpath.display()), e)),
         };
-        let (_, target, created) = read_meta(&dir)?;
+        let (_, target, created) = match read_meta(&dir) {
+            Ok(m) => m,
+            Err(e) => {
+                log::warn!("{}", unreadable(&disk, e));
+                continue;
+            }
+        };
         let in_use = !flock_exclusive(&journal);
         let (written, _) = replay(&journal, &jpath, target.size)?;
         let (data_bytes, zero_bytes) = written.totals();
@@ -576,17 +588,39 @@ fn dirs(root: &Path) -> Result<Vec<(DiskName, PathBuf)>> {
     Ok(out)
 }
 
-/// Remove the partial of `disk`; `None` if there was none.
-pub fn remove(root: &Path, disk: &DiskName) -> Result<Option<PartialInfo>> {
-    match Partial::open(root, disk)? {
-        None => Ok(None),
-        Some((p, written)) => {
-            let mut info = p.info(&written);
-            info.in_use = false;
-            p.discard()?;
-            Ok(Some(info))
+/// Remove the partial of `disk`, also an unreadable one; describe what
+/// was removed, `None` if there was none.
+pub fn remove(root: &Path, disk: &DiskName) -> Result<Option<String>> {
+    let dir = dir_of(root, disk);
+    let journal = match lock_journal(&dir)? {
+        Locked::Absent => return Ok(None),
+        Locked::Busy => {
+            return Err(Error::Busy(format!(
+                "the partial push of {disk} is in use by a running receive"
+            )))
         }
-    }
+        Locked::Held(f) => f,
+    };
+    let what = match read_meta(&dir) {
+        Ok((_, target, created)) => {
+            let jpath = dir.join(JOURNAL);
+            let (written, _) = replay(&journal, &jpath, target.size)?;
+            let (data_bytes, zero_bytes) = written.totals();
+            PartialInfo {
+                disk: disk.clone(),
+                target,
+                created,
+                updated: mtime(&jpath).unwrap_or(created),
+                data_bytes,
+                zero_bytes,
+                in_use: false,
+            }
+            .describe()
+        }
+        Err(e) => format!("unreadable partial push of {disk} ({e})"),
+    };
+    remove_dir(&dir)?;
+    Ok(Some(what))
 }
 
 /// gc's part: remove partials not written to since before `older_than`
@@ -689,6 +723,20 @@ mod tests {
         bad[10] ^= 1;
         assert!(decode(&bad, 1 << 20).is_none());
         assert!(decode(&[0u8; RECORD], 1 << 20).is_none(), "zeroes");
+    }
+
+    #[test]
+    fn an_unreadable_partial_is_refused_and_removable() {
+        let root = tempfile::tempdir().unwrap();
+        let disk = DiskName::parse("d").unwrap();
+        drop(Partial::create(root.path(), &disk, &target()).unwrap());
+        fs::write(dir_of(root.path(), &disk).join(META), b"{").unwrap();
+        let err = Partial::open(root.path(), &disk).unwrap_err().to_string();
+        assert!(err.contains("strata forget --partial d"), "{err}");
+        assert!(list(root.path()).unwrap().is_empty());
+        let what = remove(root.path(), &disk).unwrap().unwrap();
+        assert!(what.contains("unreadable"), "{what}");
+        assert!(remove(root.path(), &disk).unwrap().is_none());
     }
 
     #[test]

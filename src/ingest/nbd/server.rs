@@ -30,7 +30,7 @@ use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
 use crate::model::written::Written;
 use crate::store::image::{self, ChunkCache};
 use crate::store::lock::{Activity, Registration};
-use crate::store::partial::{Partial, PartialInfo, PushTarget};
+use crate::store::partial::{self, Partial, PartialInfo, PushTarget};
 use crate::store::repo::Repository;
 
 #[derive(Debug, Clone, Default)]
@@ -58,8 +58,8 @@ pub enum Resumption {
     Fresh,
     /// It is resumed: the export reads as the parent with it over.
     Resumed(PartialInfo),
-    /// `--no-resume` removed it.
-    Discarded(PartialInfo),
+    /// `--no-resume` removed it (described; it may have been unreadable).
+    Discarded(String),
 }
 
 /// What a receive has gathered: the partial (made at the first change) and
@@ -174,14 +174,17 @@ fn take_partial(
     target: &PushTarget,
     no_resume: bool,
 ) -> Result<(Option<Partial>, Written, Resumption)> {
+    if no_resume {
+        let r = match partial::remove(root, disk)? {
+            Some(what) => Resumption::Discarded(what),
+            None => Resumption::Fresh,
+        };
+        return Ok((None, Written::default(), r));
+    }
     let Some((partial, written)) = Partial::open(root, disk)? else {
         return Ok((None, Written::default(), Resumption::Fresh));
     };
     let info = partial.info(&written);
-    if no_resume {
-        partial.discard()?;
-        return Ok((None, Written::default(), Resumption::Discarded(info)));
-    }
     if partial.target() != target {
         return Err(Error::invalid(format!(
             "there is a {} that does not match this receive ({target}); \
