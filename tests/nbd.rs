@@ -563,12 +563,11 @@ impl Writer {
     }
 }
 
-/// receive keeps writes in memory per 1 MiB cell and chunks a cell once it
-/// is complete. Every way a cell can leave that path must still commit
-/// exactly what was written: completed out of order, written again after
-/// chunking, read back half written or chunked, completed by WRITE_ZEROES,
-/// more half-written cells than memory holds, TRIM across cells, and a
-/// short last cell.
+/// receive chunks a 1 MiB cell as soon as the written map covers it. Every
+/// way a cell can leave that path must still commit exactly what was
+/// written: completed out of order, written again after chunking, read back
+/// half written or chunked, completed by WRITE_ZEROES over older data, many
+/// half-written cells, TRIM across cells, and a short last cell.
 #[test]
 fn receive_cells_in_every_state() {
     use strata::ingest::nbd::wire::*;
@@ -609,6 +608,11 @@ fn receive_cells_in_every_state() {
     // TRIM over a chunked cell and half of the next; then data beside it.
     w.zero(CMD_TRIM, 72 * MIB, MIB + MIB / 2);
     w.write(73 * MIB + MIB / 2, &data(13, MIB / 2));
+    // Cell 76: data, zeroes over part of it, then the rest: the chunked
+    // cell must not take the staged bytes under the zeroes.
+    w.write(76 * MIB, &data(16, MIB / 2));
+    w.zero(CMD_WRITE_ZEROES, 76 * MIB + 4096, 8192);
+    w.write(76 * MIB + MIB / 2, &data(17, MIB / 2));
     // Unaligned pieces, and the short last cell written whole.
     w.write(75 * MIB + 1000, &data(14, 5000));
     w.write(80 * MIB, &data(15, 12345));

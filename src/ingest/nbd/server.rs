@@ -599,7 +599,9 @@ impl Connection<'_, '_> {
                 // FLUSH as safe from a crash of the machine.
                 CMD_FLUSH => {
                     self.changed = true;
+                    let started = std::time::Instant::now();
                     let synced = self.staging.flush();
+                    log::debug!("FLUSH synced the partial push in {:?}", started.elapsed());
                     let e = self.reply_code("FLUSH", synced);
                     write_simple_reply(w, e, req.cookie, &[])?;
                 }
