@@ -128,6 +128,10 @@ pub struct Partial {
     target: PushTarget,
     created: DateTime<Utc>,
     staging: Arc<File>,
+    /// The staging file opened with O_DIRECT, for aligned writes: a push
+    /// would otherwise fill the page cache with data nobody reads again.
+    /// `None` where the file system refuses it.
+    direct: Option<File>,
     journal: File,
     /// Length of the valid records; a failed append is cut back to it.
     journal_len: u64,
@@ -136,6 +140,18 @@ pub struct Partial {
     /// An append failed and could not be undone: refuse further records,
     /// which replay would never reach.
     broken: bool,
+}
+
+/// O_DIRECT wants buffers, offsets and lengths aligned to the logical block
+/// size; 4096 covers every common device.
+pub const DIRECT_ALIGN: usize = 4096;
+
+fn open_direct(path: &Path) -> Option<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
 }
 
 pub fn partials_dir(root: &Path) -> PathBuf {
@@ -385,6 +401,7 @@ impl Partial {
             disk: disk.clone(),
             target: target.clone(),
             created,
+            direct: open_direct(&staging_path),
             staging: Arc::new(staging),
             journal,
             journal_len: 0,
@@ -432,6 +449,7 @@ impl Partial {
         }
         let spath = dir.join(STAGING);
         let staging = open_rw(&spath, false).ctx(|| format!("open {}", spath.display()))?;
+        let direct = open_direct(&spath);
         Ok(Some((
             Partial {
                 dir,
@@ -439,6 +457,7 @@ impl Partial {
                 target,
                 created,
                 staging: Arc::new(staging),
+                direct,
                 journal,
                 journal_len: valid,
                 dirty: false,
@@ -476,9 +495,29 @@ impl Partial {
 
     /// Stage a WRITE: its bytes, then its record.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.staging
-            .write_all_at(data, offset)
-            .ctx(|| format!("write {} at {offset}", self.staging_path().display()))?;
+        let align = DIRECT_ALIGN as u64;
+        let aligned = offset % align == 0
+            && data.len() as u64 % align == 0
+            && (data.as_ptr() as usize) % DIRECT_ALIGN == 0;
+        let mut done = false;
+        if let (true, Some(direct)) = (aligned, &self.direct) {
+            match direct.write_all_at(data, offset) {
+                Ok(()) => done = true,
+                // Some file systems accept the flag and refuse the I/O.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("write {} at {offset}", self.staging_path().display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        if !done {
+            self.staging
+                .write_all_at(data, offset)
+                .ctx(|| format!("write {} at {offset}", self.staging_path().display()))?;
+        }
         self.record(Extent::new(
             ByteRange::new(offset, data.len() as u64),
             ExtentKind::Data,

@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
-use super::cells::Cells;
+use super::cells::{Cells, Change};
 use super::wire::*;
 use super::{Endpoint, NbdUri, Stream};
 use crate::error::{Error, IoContext, Result};
@@ -30,7 +30,7 @@ use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
 use crate::model::written::Written;
 use crate::store::image::{self, ChunkCache};
 use crate::store::lock::{Activity, Registration};
-use crate::store::partial::{self, Partial, PartialInfo, PushTarget};
+use crate::store::partial::{self, Partial, PartialInfo, PushTarget, DIRECT_ALIGN};
 use crate::store::repo::Repository;
 
 #[derive(Debug, Clone, Default)]
@@ -345,6 +345,15 @@ pub fn receive(
     }
 }
 
+/// Where in `buf` a `DIRECT_ALIGN`ed run of `len` bytes starts, growing
+/// `buf` as needed (never shrunk: a WRITE payload arrives in it each time).
+fn aligned_start(buf: &mut Vec<u8>, len: usize) -> usize {
+    if buf.len() < len + DIRECT_ALIGN {
+        buf.resize(len + DIRECT_ALIGN, 0);
+    }
+    buf.as_ptr().align_offset(DIRECT_ALIGN)
+}
+
 enum Listener {
     Unix(UnixListener, PathBuf),
     Tcp(std::net::TcpListener),
@@ -524,6 +533,7 @@ impl Connection<'_, '_> {
         w: &mut impl Write,
     ) -> std::io::Result<bool> {
         let mut buf = Vec::new();
+        let mut payload = Vec::new();
         loop {
             let req = match Request::read_from(r) {
                 Ok(Some(req)) => req,
@@ -563,17 +573,20 @@ impl Connection<'_, '_> {
                         w.flush()?;
                         return Err(std::io::Error::other("WRITE payload too large"));
                     }
-                    buf.resize(req.length as usize, 0);
-                    r.read_exact(&mut buf)?;
+                    // Aligned, so that the staging file can take it with O_DIRECT.
+                    let len = req.length as usize;
+                    let at = aligned_start(&mut payload, len);
+                    let data = &mut payload[at..at + len];
+                    r.read_exact(data)?;
                     let e = if !in_range {
                         ENOSPC
                     } else {
                         self.changed = true;
                         let range = ByteRange::new(req.offset, req.length.into());
-                        let stored = self
-                            .staging
-                            .write(req.offset, &buf)
-                            .and_then(|()| self.chunk_complete_cells(range));
+                        let stored = self.staging.write(req.offset, data).and_then(|()| {
+                            self.cells
+                                .changed(range, Change::Data(data), &self.staging.written)
+                        });
                         self.reply_code("WRITE", stored)
                     };
                     write_simple_reply(w, e, req.cookie, &[])?;
@@ -587,9 +600,10 @@ impl Connection<'_, '_> {
                         let stored = if range.is_empty() {
                             Ok(())
                         } else {
-                            self.staging
-                                .zero(range)
-                                .and_then(|()| self.chunk_complete_cells(range))
+                            self.staging.zero(range).and_then(|()| {
+                                self.cells
+                                    .changed(range, Change::Zero, &self.staging.written)
+                            })
                         };
                         self.reply_code("WRITE_ZEROES/TRIM", stored)
                     };
@@ -626,16 +640,6 @@ impl Connection<'_, '_> {
                 self.failed = true;
                 EIO
             }
-        }
-    }
-
-    /// Hand the cells a change completed to the chunking workers.
-    fn chunk_complete_cells(&mut self, range: ByteRange) -> Result<()> {
-        match &self.staging.partial {
-            Some(p) => self
-                .cells
-                .changed(range, &self.staging.written, p.staging()),
-            None => Ok(()),
         }
     }
 
