@@ -104,10 +104,11 @@ pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> 
     sweep_tmp(repo, cutoff, &mut report)?;
     // A partial's chunks are not needed (its data is in its staging file),
     // so it is only a matter of age.
-    report.removed_partials = partial::sweep(repo.root(), Utc::now() - opts.partial_max_age)?
-        .iter()
-        .map(|p| p.describe())
-        .collect();
+    report.removed_partials =
+        partial::sweep(&partial::home(repo), Utc::now() - opts.partial_max_age)?
+            .iter()
+            .map(|p| p.describe())
+            .collect();
     sweep_damaged(repo, &referenced, &mut report)?;
     log::info!(
         "gc: deleted {} chunks ({} bytes), kept {} recent",

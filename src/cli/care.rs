@@ -176,7 +176,7 @@ pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<ExitCode> {
     let repo = open(cli)?;
     if let Some(disk) = &a.partial {
         let disk = DiskName::parse(disk)?;
-        return match partial::remove(repo.root(), &disk)? {
+        return match partial::remove(&partial::home(&repo), &disk)? {
             Some(what) => {
                 println!("removed the {what}");
                 Ok(ExitCode::SUCCESS)

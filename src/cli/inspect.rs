@@ -57,7 +57,7 @@ pub fn snapshots(cli: &Cli, a: &SnapshotsArgs) -> Result<ExitCode> {
 
 pub fn partials(cli: &Cli, a: &PartialsArgs) -> Result<ExitCode> {
     let repo = open(cli)?;
-    let partials = partial::list(repo.root())?;
+    let partials = partial::list(&partial::home(&repo))?;
     if a.json {
         let v: Vec<_> = partials.iter().map(|p| p.to_json()).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);

@@ -5,7 +5,7 @@
 //! the snapshot needs both.
 //!
 //! ```text
-//! <repo>/partial/<disk, '/' as '+'>/partial.json   kind, parent, size, created
+//! <home>/partial/<disk, '/' as '+'>/partial.json   kind, parent, size, created
 //!                                   staging.raw    written bytes at their disk offsets (sparse)
 //!                                   journal        (offset, length, kind) records, in order
 //! ```
@@ -18,6 +18,10 @@
 //! an acknowledged FLUSH. The journal is the truth of what was written:
 //! staged bytes without a record are never read. A record carries its own
 //! checksum; replay stops at the first bad one, a torn tail.
+//!
+//! `<home>` is the repository, or for an encrypted one, which must hold no
+//! disk content in clear, this host's cache directory for it (see
+//! [`home`]). Functions here take `<home>` as `root`.
 //!
 //! The receive using a partial holds an exclusive `flock` on its journal
 //! for its whole life; gc and `forget --partial` leave a locked one alone.
@@ -40,6 +44,7 @@ use crate::model::name::{DiskName, SnapshotId};
 use crate::model::snapshot::{format_time, parse_time, SnapshotKind};
 use crate::model::written::Written;
 use crate::store::durable::fsync_dir;
+use crate::store::repo::Repository;
 
 pub const PARTIAL_FORMAT: &str = "strata-partial/1";
 /// How long gc keeps a partial nobody wrote to, unless told otherwise.
@@ -152,6 +157,17 @@ fn open_direct(path: &Path) -> Option<File> {
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .ok()
+}
+
+/// Where the partial pushes of `repo` live: in it, or beside the scratch
+/// directory in this host's cache for an encrypted one
+/// (`Repository::scratch_dir`).
+pub fn home(repo: &Repository) -> PathBuf {
+    if repo.keys().is_none() {
+        return repo.root().to_path_buf();
+    }
+    let scratch = repo.scratch_dir();
+    scratch.parent().map_or(scratch.clone(), Path::to_path_buf)
 }
 
 pub fn partials_dir(root: &Path) -> PathBuf {
@@ -776,6 +792,15 @@ mod tests {
         let what = remove(root.path(), &disk).unwrap().unwrap();
         assert!(what.contains("unreadable"), "{what}");
         assert!(remove(root.path(), &disk).unwrap().is_none());
+    }
+
+    #[test]
+    fn encrypted_repositories_keep_partials_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = Repository::init(&dir.path().join("plain"), None).unwrap();
+        assert_eq!(home(&plain), plain.root());
+        let enc = Repository::init(&dir.path().join("enc"), Some("pass")).unwrap();
+        assert!(!partials_dir(&home(&enc)).starts_with(enc.root()));
     }
 
     #[test]

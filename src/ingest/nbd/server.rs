@@ -250,9 +250,10 @@ pub fn receive(
     if let (Some(p), Some(map)) = (&parent, &base) {
         refuse_damaged_parent(repo, p, map)?;
     }
-    let (partial, written, resumption) = take_partial(repo.root(), &disk, &target, opts.no_resume)?;
+    let home = partial::home(repo);
+    let (partial, written, resumption) = take_partial(&home, &disk, &target, opts.no_resume)?;
     let mut staging = Staging {
-        root: repo.root().to_path_buf(),
+        root: home,
         disk: disk.clone(),
         target,
         partial,
