@@ -159,15 +159,10 @@ fn open_direct(path: &Path) -> Option<File> {
         .ok()
 }
 
-/// Where the partial pushes of `repo` live: in it, or beside the scratch
-/// directory in this host's cache for an encrypted one
-/// (`Repository::scratch_dir`).
+/// Where the partial pushes of `repo` live: in it, or in this host's cache
+/// for an encrypted one (`Repository::scratch_root`).
 pub fn home(repo: &Repository) -> PathBuf {
-    if repo.keys().is_none() {
-        return repo.root().to_path_buf();
-    }
-    let scratch = repo.scratch_dir();
-    scratch.parent().map_or(scratch.clone(), Path::to_path_buf)
+    repo.scratch_root()
 }
 
 pub fn partials_dir(root: &Path) -> PathBuf {
