@@ -237,7 +237,10 @@ impl Repository {
             .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("strata")))
             .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/strata")))
             .unwrap_or_else(|| std::env::temp_dir().join("strata"));
-        let root = self.root.canonicalize().unwrap_or_else(|_| self.root.clone());
+        let root = self
+            .root
+            .canonicalize()
+            .unwrap_or_else(|_| self.root.clone());
         let tag = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
         base.join(&tag[..16])
     }
