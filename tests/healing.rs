@@ -565,3 +565,89 @@ fn unchecked_damage_met_by_the_unchanged_check() {
         env.assert_restores(snap, truth);
     }
 }
+
+/// A push into a repository whose file system fills up: the writes that
+/// cannot be stored are answered with an error, the client's job fails,
+/// nothing is committed, the partial is kept (a retry may resume it) until
+/// `forget --partial` clears it, the repository verifies clean, and once
+/// space is free a push works.
+#[test]
+fn receive_into_a_full_repository() {
+    let mut env = Env::new();
+    let fs = Tmpfs::new(&env, "small", "24m");
+    env.repo = fs.path.join("repo");
+    env.ok(&["init"]);
+    let size: u64 = 32 << 20;
+    let src = env.path("src.raw");
+    std::fs::write(&src, random_bytes(21, size as usize)).unwrap();
+    let push = |env: &Env| -> (std::process::Output, std::process::Output) {
+        let sock = env.path("recv.sock");
+        let _ = std::fs::remove_file(&sock);
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let mut child = env
+            .cmd()
+            .args([
+                "receive",
+                "--disk",
+                "r",
+                "--size",
+                &size.to_string(),
+                "--listen",
+                &uri,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.starts_with("listening"), "{line}");
+        let client = Command::new("qemu-img")
+            .args([
+                "convert",
+                "-n",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                src.to_str().unwrap(),
+                &uri,
+            ])
+            .output()
+            .unwrap();
+        (client, child.wait_with_output().unwrap())
+    };
+    let (client, receive) = push(&env);
+    assert!(!client.status.success(), "the client saw the write errors");
+    assert_eq!(receive.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&receive.stderr);
+    assert!(err.contains("nothing committed"), "{err}");
+    assert!(env.snapshots().is_empty());
+    env.ok(&["forget", "--partial", "r"]);
+    gc_settled(&env);
+    assert_eq!(verify(&env, &[]).0, 0);
+
+    let (client, receive) = {
+        // Room now: a 32 MiB tmpfs more.
+        sh(
+            "mount",
+            &["-o", "remount,size=96m", fs.path.to_str().unwrap()],
+        );
+        push(&env)
+    };
+    assert!(
+        client.status.success(),
+        "{}",
+        String::from_utf8_lossy(&client.stderr)
+    );
+    assert!(
+        receive.status.success(),
+        "{}",
+        String::from_utf8_lossy(&receive.stderr)
+    );
+    env.assert_restores("r@latest", &src);
+}
