@@ -207,8 +207,8 @@ fn version_names_the_formats() {
         "strata-sealed-manifest/1",
         "strata-key/1",
         "strata-extents/1",
-        "catalog     SQLite, schema 1",
-        "image maps  binary encoding 1",
+        "catalog     SQLite, schema 2",
+        "image maps  binary encoding 2 (reads 1 and 2)",
     ] {
         assert!(out.contains(want), "--version lacks {want:?}:\n{out}");
     }

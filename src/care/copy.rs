@@ -144,7 +144,7 @@ fn copy_one(
     same_names: bool,
     report: &mut CopyReport,
 ) -> Result<()> {
-    let (own, _) = src.maps(info)?;
+    let own = src.own_map(info)?;
     let chunks = own.chunks();
     let names: Mutex<HashMap<ChunkId, ChunkId>> = Mutex::new(HashMap::new());
     let (sent, bytes) = (AtomicU64::new(0), AtomicU64::new(0));

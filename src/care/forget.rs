@@ -6,6 +6,12 @@
 //! becomes full). Only metadata changes; chunks are shared, not copied, and
 //! C's resolved image map, hence every byte of its image, stays the same.
 //!
+//! Checkpoints (see `store::catalog`): a child of a removed checkpoint, or a
+//! child that was one, stores its resolved image map, so that every
+//! snapshot stays fewer than `CHECKPOINT_EVERY` links below a stored map.
+//! Removing a snapshot that is not a checkpoint only shortens the chains
+//! below it.
+//!
 //! Crash safety: children's manifests are rewritten first (either version
 //! describes the same image), then one catalog transaction updates the
 //! children and deletes S, then S's manifest file goes. A manifest left
@@ -31,7 +37,12 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
             current.reference()
         )));
     }
-    let (own, _) = repo.maps(&current)?;
+    let own = repo.own_map(&current)?;
+    let current_checkpoint = repo
+        .catalog()
+        .is_checkpoint(&current.disk, &current.id)?;
+    // What the children are laid over from now on, resolved once if needed.
+    let mut new_base: Option<ImageMap> = None;
     let children: Vec<SnapshotInfo> = repo
         .snapshots(Some(&current.disk))?
         .into_iter()
@@ -40,13 +51,28 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
 
     let mut rewritten = Vec::new();
     for child in &children {
-        let (child_own, child_image) = repo.maps(child)?;
+        let child_own = repo.own_map(child)?;
+        let child_checkpoint = repo.catalog().is_checkpoint(&child.disk, &child.id)?;
         let mut info = child.clone();
         info.parent = current.parent.clone();
         if current.kind == SnapshotKind::Full {
             info.kind = SnapshotKind::Full;
         }
         let merged = inherited(&current, &own, child.size).overlay(&child_own);
+        // Recomputed rather than copied: equal bytes, and the same map that
+        // verify computes from the new parent and own map.
+        let image = match &info.parent {
+            Some(p) if current_checkpoint || child_checkpoint => {
+                if new_base.is_none() {
+                    let base = repo.catalog().image_map(&info.disk, p)?.ok_or_else(|| {
+                        Error::SnapshotNotFound(format!("{}@{p}", info.disk))
+                    })?;
+                    new_base = Some(base);
+                }
+                new_base.as_ref().map(|b| b.overlay(&merged))
+            }
+            _ => None,
+        };
         manifest::write(
             &repo.manifests_dir(),
             &Manifest::new(&info, &merged),
@@ -57,7 +83,7 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
         rewritten.push(SnapshotRecord {
             info,
             own: merged,
-            image: child_image,
+            image,
         });
     }
     crate::testhook::pause("forget:children-rewritten");
@@ -95,7 +121,7 @@ fn inherited(parent: &SnapshotInfo, own: &ImageMap, size: u64) -> ImageMap {
 
 /// Set or clear the protected flag (manifest first, then catalog).
 pub fn set_protected(repo: &Repository, info: &SnapshotInfo, protected: bool) -> Result<()> {
-    let (own, image) = repo.maps(info)?;
+    let own = repo.own_map(info)?;
     let mut updated = info.clone();
     updated.protected = protected;
     manifest::write(
@@ -105,13 +131,8 @@ pub fn set_protected(repo: &Repository, info: &SnapshotInfo, protected: bool) ->
         &updated.id,
         repo.keys(),
     )?;
-    repo.catalog().write(|w| {
-        w.update(&SnapshotRecord {
-            info: updated.clone(),
-            own: own.clone(),
-            image: image.clone(),
-        })
-    })
+    repo.catalog()
+        .write(|w| w.set_protected(&updated.disk, &updated.id, protected))
 }
 
 #[cfg(test)]

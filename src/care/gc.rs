@@ -1,7 +1,8 @@
-//! Garbage collection: delete chunks no snapshot references, manifests
-//! without a catalog row, temporaries of interrupted work, records of
-//! damaged chunks that healed or that nothing uses, and partial pushes
-//! nobody wrote to for [`GcOptions::partial_max_age`].
+//! Garbage collection: delete chunks no snapshot references (marked from
+//! every snapshot's own map, see [`gc`]), manifests without a catalog row,
+//! temporaries of interrupted work, records of damaged chunks that healed
+//! or that nothing uses, and partial pushes nobody wrote to for
+//! [`GcOptions::partial_max_age`].
 //!
 //! gc runs beside backups and mounts. Each backup registers its start time
 //! (see `lock`), and storing a chunk that already exists touches its mtime,
@@ -88,9 +89,17 @@ pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> 
              run `strata repair --rebuild-catalog` before gc",
         ));
     }
+    // Own maps suffice: an image is its chain's own maps laid over one
+    // another, each cut to the next one's size, so every chunk an image
+    // references is in the own map of one of its snapshot's ancestors (or
+    // its own), all of which are in the catalog; and a snapshot's own map
+    // is the top layer of its image, so nothing more is marked either.
+    // forget keeps this true: a child's new own map holds what it inherited
+    // from the removed snapshot. Marking costs the sum of the own maps, not
+    // disk size times snapshots.
     let mut referenced: HashSet<ChunkId> = HashSet::new();
     for s in &snaps {
-        referenced.extend(repo.image_map(s)?.chunks());
+        referenced.extend(repo.own_map(s)?.chunks());
     }
     // After the catalog, never before: see `store::pins` for why.
     referenced.extend(pins::pinned_chunks(repo.root(), &holders)?);

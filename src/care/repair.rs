@@ -1,8 +1,8 @@
 //! `repair --rebuild-catalog`: recreate the SQLite catalog from the
-//! manifest files (invariant 8). Parents are resolved before children, so
-//! each image map is recomputed exactly as it was at commit.
+//! manifest files (invariant 8). Parents are inserted before children, and
+//! checkpoints (stored image maps) placed by the rule `commit` follows.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fs;
 
 use crate::error::{Error, IoContext, Result};
@@ -11,7 +11,7 @@ use crate::model::snapshot::SnapshotInfo;
 use crate::store::catalog::{Catalog, SnapshotRecord};
 use crate::store::lock::{self, MaintenanceLock};
 use crate::store::manifest;
-use crate::store::repo::{self, PassphraseSource};
+use crate::store::repo::{self, checkpoint_image, PassphraseSource};
 
 #[derive(Debug, Default)]
 pub struct RebuildReport {
@@ -48,29 +48,22 @@ pub fn rebuild_catalog(
     // Parents before children: a parent is always older than its child.
     pending.sort_by(|a, b| (a.0.time, &a.0.id).cmp(&(b.0.time, &b.0.id)));
 
-    let tmp = root.join("catalog.db.rebuild");
-    let _ = fs::remove_file(&tmp);
-    let mut catalog = Catalog::open(&tmp)?;
-    let mut images: HashMap<String, ImageMap> = HashMap::new();
-    let mut records = Vec::new();
-    // Retry until no progress, in case times are out of parent order.
+    // Parents before children, retried until no progress in case times
+    // are out of parent order.
+    let mut known: HashSet<String> = HashSet::new();
+    let mut ordered: Vec<(SnapshotInfo, ImageMap)> = Vec::new();
     loop {
         let before = pending.len();
         pending.retain(|(info, own)| {
-            let image = match &info.parent {
-                None => own.clone(),
-                Some(p) => match images.get(&format!("{}@{p}", info.disk)) {
-                    Some(parent) => parent.overlay(own),
-                    None => return true,
-                },
+            let ready = match &info.parent {
+                None => true,
+                Some(p) => known.contains(&format!("{}@{p}", info.disk)),
             };
-            images.insert(info.reference(), image.clone());
-            records.push(SnapshotRecord {
-                info: info.clone(),
-                own: own.clone(),
-                image,
-            });
-            false
+            if ready {
+                known.insert(info.reference());
+                ordered.push((info.clone(), own.clone()));
+            }
+            !ready
         });
         if pending.is_empty() || pending.len() == before {
             break;
@@ -83,9 +76,20 @@ pub fn rebuild_catalog(
             info.parent.map(|p| p.to_string()).unwrap_or_default()
         ));
     }
+
+    let tmp = root.join("catalog.db.rebuild");
+    let _ = fs::remove_file(&tmp);
+    let mut catalog = Catalog::open(&tmp)?;
+    // One transaction, rows in parent order: each checkpoint is placed by
+    // the same rule as at commit, from the rows inserted before it.
     catalog.write(|w| {
-        for r in &records {
-            w.insert(r)?;
+        for (info, own) in &ordered {
+            let image = checkpoint_image(w, &info.disk, info.parent.as_ref(), own)?;
+            w.insert(&SnapshotRecord {
+                info: info.clone(),
+                own: own.clone(),
+                image,
+            })?;
         }
         Ok(())
     })?;
@@ -96,7 +100,7 @@ pub fn rebuild_catalog(
     }
     fs::rename(&tmp, root.join("catalog.db")).ctx(|| "install the rebuilt catalog".into())?;
     crate::store::durable::fsync_dir(root)?;
-    report.restored = records.len();
+    report.restored = ordered.len();
     // Opening it proves it usable.
     Catalog::open(&root.join("catalog.db"))?;
     Ok(report)

@@ -165,7 +165,7 @@ fn long_version() -> String {
          key files   {}\n\
          extent JSON {}\n\
          catalog     SQLite, schema {}\n\
-         image maps  binary encoding {}",
+         image maps  binary encoding {} (reads 1 and {})",
         env!("CARGO_PKG_VERSION"),
         repo::REPO_FORMAT,
         chunk::VERSION,
@@ -176,6 +176,7 @@ fn long_version() -> String {
         keys::KEY_FORMAT,
         extent::EXTENTS_FORMAT,
         catalog::SCHEMA_VERSION,
+        image_map::ENCODING_VERSION,
         image_map::ENCODING_VERSION,
     )
 }

@@ -1,6 +1,16 @@
 //! The SQLite catalog: one row per committed snapshot, with its own
-//! segments and its resolved image map. A row exists only once the snapshot's
-//! chunks and manifest are durable, so the catalog is what "visible" means.
+//! segments and, every few snapshots of a chain, its resolved image map (a
+//! *checkpoint*). A row exists only once the snapshot's chunks and manifest
+//! are durable, so the catalog is what "visible" means.
+//!
+//! Resolving an image starts from the nearest row up the chain that holds
+//! its image (a checkpoint, or a full snapshot, whose own map is its image)
+//! and lays the own maps below it over that, oldest first. The placement
+//! rule ([`Writer::checkpoint_due`]) keeps every snapshot fewer than
+//! [`CHECKPOINT_EVERY`] links below its base, so opening an image decodes
+//! one resolved map and at most `CHECKPOINT_EVERY - 1` own maps, whatever
+//! the chain's length (invariant 3), while a snapshot's row grows with what
+//! it changed, not with the disk.
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,9 +23,24 @@ use crate::model::name::{DiskName, SnapshotId};
 use crate::model::snapshot::{format_time, parse_time, SnapshotInfo, SnapshotKind};
 
 /// The version of [`SCHEMA`], shown by `strata --version`. It is not
-/// stored in the database (no migration exists yet): change it, and add
-/// one, when the table changes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// stored in the database. Version 2 keeps version 1's columns but lets
+/// `image_map` be empty (not a checkpoint) and writes map encoding 2; a
+/// version 1 catalog (every row a checkpoint, encoding 1) is read as it is.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// A chain stores a resolved image map at least every this many snapshots:
+/// opening an image overlays at most `CHECKPOINT_EVERY - 1` own maps.
+pub const CHECKPOINT_EVERY: usize = 16;
+
+/// A checkpoint is also stored once the own maps since the last one add up
+/// to the size of its stored map (so an open never decodes more than about
+/// twice a resolved map), unless they are smaller than this: below it,
+/// decoding costs nothing worth a copy of the image map.
+pub const CHECKPOINT_MIN_BYTES: usize = 64 << 10;
+
+/// Longest chain followed before a catalog is called damaged (parents are
+/// older than their children, so a loop can only come from corruption).
+const MAX_CHAIN: usize = 1 << 20;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -43,11 +68,103 @@ pub struct Catalog {
     conn: Connection,
 }
 
-/// A snapshot row with both of its maps.
+/// A snapshot row: its own map, and its resolved image map when the row is
+/// a checkpoint (`None`: resolved from the chain when opened).
 pub struct SnapshotRecord {
     pub info: SnapshotInfo,
     pub own: ImageMap,
-    pub image: ImageMap,
+    pub image: Option<ImageMap>,
+}
+
+/// One link of a chain, read without decoding any map.
+struct Link {
+    parent: Option<SnapshotId>,
+    own_len: usize,
+    image_len: usize,
+}
+
+fn link(conn: &Connection, disk: &DiskName, id: &SnapshotId) -> Result<Option<Link>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT parent, length(own_map), length(image_map) FROM snapshots WHERE disk = ?1 AND id = ?2",
+    )?;
+    let row: Option<(Option<String>, i64, i64)> = stmt
+        .query_row(params![disk.as_str(), id.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    row.map(|(parent, own, image)| {
+        Ok(Link {
+            parent: parent.as_deref().map(SnapshotId::parse).transpose()?,
+            own_len: own as usize,
+            image_len: image as usize,
+        })
+    })
+    .transpose()
+}
+
+fn blobs(conn: &Connection, disk: &DiskName, id: &SnapshotId) -> Result<Option<Blobs>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT parent, own_map, image_map FROM snapshots WHERE disk = ?1 AND id = ?2",
+    )?;
+    let row: Option<(Option<String>, Vec<u8>, Vec<u8>)> = stmt
+        .query_row(params![disk.as_str(), id.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    row.map(|(parent, own, image)| {
+        Ok(Blobs {
+            parent: parent.as_deref().map(SnapshotId::parse).transpose()?,
+            own,
+            image,
+        })
+    })
+    .transpose()
+}
+
+struct Blobs {
+    parent: Option<SnapshotId>,
+    own: Vec<u8>,
+    image: Vec<u8>,
+}
+
+fn decode(blob: &[u8], disk: &DiskName, id: &SnapshotId, what: &str) -> Result<ImageMap> {
+    ImageMap::decode(blob)
+        .map_err(|e| crate::Error::invalid(format!("catalog: {what} of {disk}@{id}: {e}")))
+}
+
+/// The resolved image map of `disk@id`, `None` if there is no such row:
+/// the nearest stored image up the chain (a checkpoint's, or a full
+/// snapshot's own map) with the own maps below it laid over it.
+fn resolve(conn: &Connection, disk: &DiskName, id: &SnapshotId) -> Result<Option<ImageMap>> {
+    let mut tops: Vec<ImageMap> = Vec::new();
+    let mut cur = id.clone();
+    let base = loop {
+        let Some(row) = blobs(conn, disk, &cur)? else {
+            if tops.is_empty() {
+                return Ok(None);
+            }
+            return Err(crate::Error::invalid(format!(
+                "catalog: {disk}@{cur}, an ancestor of {disk}@{id}, is missing"
+            )));
+        };
+        if !row.image.is_empty() {
+            break decode(&row.image, disk, &cur, "image map")?;
+        }
+        let own = decode(&row.own, disk, &cur, "own map")?;
+        match row.parent {
+            None => break own,
+            Some(p) => {
+                tops.push(own);
+                if tops.len() > MAX_CHAIN {
+                    return Err(crate::Error::invalid(format!(
+                        "catalog: the chain of {disk}@{id} loops"
+                    )));
+                }
+                cur = p;
+            }
+        }
+    };
+    Ok(Some(tops.iter().rev().fold(base, |image, top| image.overlay(top))))
 }
 
 impl Catalog {
@@ -119,19 +236,31 @@ impl Catalog {
         Ok(self.list(Some(disk))?.pop())
     }
 
-    pub fn maps(&self, disk: &DiskName, id: &SnapshotId) -> Result<Option<(ImageMap, ImageMap)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT own_map, image_map FROM snapshots WHERE disk = ?1 AND id = ?2",
+    /// The snapshot's own map.
+    pub fn own_map(&self, disk: &DiskName, id: &SnapshotId) -> Result<Option<ImageMap>> {
+        blobs(&self.conn, disk, id)?
+            .map(|b| decode(&b.own, disk, id, "own map"))
+            .transpose()
+    }
+
+    /// The snapshot's resolved image map (see the module comment for the cost).
+    pub fn image_map(&self, disk: &DiskName, id: &SnapshotId) -> Result<Option<ImageMap>> {
+        resolve(&self.conn, disk, id)
+    }
+
+    /// Whether the row holds its resolved image map (a checkpoint).
+    pub fn is_checkpoint(&self, disk: &DiskName, id: &SnapshotId) -> Result<bool> {
+        Ok(link(&self.conn, disk, id)?.is_some_and(|l| l.image_len > 0))
+    }
+
+    /// Bytes of map blobs in the catalog: own maps and stored image maps.
+    pub fn map_bytes(&self) -> Result<(u64, u64)> {
+        let (own, image): (i64, i64) = self.conn.query_row(
+            "SELECT coalesce(sum(length(own_map)), 0), coalesce(sum(length(image_map)), 0) FROM snapshots",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let blobs: Option<(Vec<u8>, Vec<u8>)> = stmt
-            .query_row(params![disk.as_str(), id.as_str()], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        match blobs {
-            None => Ok(None),
-            Some((own, image)) => Ok(Some((ImageMap::decode(&own)?, ImageMap::decode(&image)?))),
-        }
+        Ok((own as u64, image as u64))
     }
 
     /// Run `f` inside an immediate (write-locked) transaction.
@@ -165,7 +294,7 @@ impl Writer<'_> {
         Ok(max + 1)
     }
 
-    /// Replace a snapshot's metadata and maps (forget, protect).
+    /// Replace a snapshot's metadata and maps (forget).
     pub fn update(&self, rec: &SnapshotRecord) -> Result<()> {
         let i = &rec.info;
         let n = self.conn.execute(
@@ -178,13 +307,66 @@ impl Writer<'_> {
                 i.parent.as_ref().map(|p| p.as_str()),
                 i.protected,
                 rec.own.encode(),
-                rec.image.encode(),
+                image_blob(rec),
             ],
         )?;
         if n != 1 {
             return Err(crate::Error::SnapshotNotFound(i.reference()));
         }
         Ok(())
+    }
+
+    /// Set or clear the protected flag; the maps stay as they are.
+    pub fn set_protected(&self, disk: &DiskName, id: &SnapshotId, protected: bool) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE snapshots SET protected = ?3 WHERE disk = ?1 AND id = ?2",
+            params![disk.as_str(), id.as_str(), protected],
+        )?;
+        if n != 1 {
+            return Err(crate::Error::SnapshotNotFound(format!("{disk}@{id}")));
+        }
+        Ok(())
+    }
+
+    /// The resolved image map of `disk@id`, as the transaction sees it.
+    pub fn image_map(&self, disk: &DiskName, id: &SnapshotId) -> Result<Option<ImageMap>> {
+        resolve(self.conn, disk, id)
+    }
+
+    /// Whether a new child of `parent` whose own map encodes to `own_len`
+    /// bytes must store its resolved image map: when it would otherwise lie
+    /// [`CHECKPOINT_EVERY`] links below its base, or when the own maps
+    /// since the base (its own included) add up to the base's stored map
+    /// (and to at least [`CHECKPOINT_MIN_BYTES`]). A missing parent is an
+    /// error. Only blob lengths are read: the cost is a few row lookups.
+    pub fn checkpoint_due(
+        &self,
+        disk: &DiskName,
+        parent: Option<&SnapshotId>,
+        own_len: usize,
+    ) -> Result<bool> {
+        let Some(parent) = parent else {
+            return Ok(false); // a full snapshot's own map is its image
+        };
+        let (mut depth, mut own_sum) = (1usize, own_len);
+        let mut cur = parent.clone();
+        let base_len = loop {
+            let l = link(self.conn, disk, &cur)?
+                .ok_or_else(|| crate::Error::SnapshotNotFound(format!("{disk}@{cur}")))?;
+            if l.image_len > 0 {
+                break l.image_len;
+            }
+            let Some(p) = l.parent else {
+                break l.own_len;
+            };
+            depth += 1;
+            own_sum += l.own_len;
+            if depth >= CHECKPOINT_EVERY {
+                return Ok(true);
+            }
+            cur = p;
+        };
+        Ok(depth >= CHECKPOINT_EVERY || own_sum >= base_len.max(CHECKPOINT_MIN_BYTES))
     }
 
     pub fn exists(&self, disk: &DiskName, id: &SnapshotId) -> Result<bool> {
@@ -220,9 +402,14 @@ impl Writer<'_> {
                 i.protected,
                 i.stored_bytes as i64,
                 rec.own.encode(),
-                rec.image.encode(),
+                image_blob(rec),
             ],
         )?;
         Ok(())
     }
+}
+
+/// The `image_map` column: the encoded map of a checkpoint, else empty.
+fn image_blob(rec: &SnapshotRecord) -> Vec<u8> {
+    rec.image.as_ref().map(ImageMap::encode).unwrap_or_default()
 }

@@ -173,7 +173,9 @@ pub fn write(
     keys: Option<&Keys>,
 ) -> Result<PathBuf> {
     let path = manifest_path(dir, disk, id);
-    let mut body = serde_json::to_vec_pretty(m).expect("manifest serializes");
+    // Compact, not pretty: a full backup of a large disk lists tens of
+    // thousands of chunks, and indentation would double the file.
+    let mut body = serde_json::to_vec(m).expect("manifest serializes");
     if let Some(keys) = keys {
         let sealed = SealedManifest {
             format: SEALED_FORMAT.into(),

@@ -23,7 +23,7 @@ use crate::model::extent::{merge_touching, ByteRange};
 use crate::model::image_map::{ImageMap, Piece};
 use crate::model::name::{DiskName, Selector, SnapshotId, SnapshotRef};
 use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
-use crate::store::catalog::{Catalog, SnapshotRecord};
+use crate::store::catalog::{Catalog, SnapshotRecord, Writer};
 use crate::store::chunk::ChunkStore;
 use crate::store::crypto::{self, Keys};
 use crate::store::keys;
@@ -294,13 +294,23 @@ impl Repository {
 
     /// The snapshot's own map and its resolved image map.
     pub fn maps(&self, info: &SnapshotInfo) -> Result<(ImageMap, ImageMap)> {
+        Ok((self.own_map(info)?, self.image_map(info)?))
+    }
+
+    /// The snapshot's own map: what it changed over its parent.
+    pub fn own_map(&self, info: &SnapshotInfo) -> Result<ImageMap> {
         self.catalog()
-            .maps(&info.disk, &info.id)?
+            .own_map(&info.disk, &info.id)?
             .ok_or_else(|| Error::SnapshotNotFound(info.reference()))
     }
 
+    /// The snapshot's resolved image map: one stored map and at most
+    /// `catalog::CHECKPOINT_EVERY - 1` own maps decoded and overlaid.
+    /// Callers that read keep it for as long as they read.
     pub fn image_map(&self, info: &SnapshotInfo) -> Result<ImageMap> {
-        Ok(self.maps(info)?.1)
+        self.catalog()
+            .image_map(&info.disk, &info.id)?
+            .ok_or_else(|| Error::SnapshotNotFound(info.reference()))
     }
 
     /// The ranges of `image` whose chunks are on record as damaged (see
@@ -325,32 +335,12 @@ impl Repository {
         )
     }
 
-    /// The image map of a snapshot with `own` over `parent`'s image.
-    fn resolve_image(
-        &self,
-        disk: &DiskName,
-        parent: Option<&SnapshotId>,
-        own: &ImageMap,
-    ) -> Result<ImageMap> {
-        match parent {
-            None => Ok(own.clone()),
-            Some(pid) => {
-                let parent = self
-                    .catalog()
-                    .maps(disk, pid)?
-                    .ok_or_else(|| Error::SnapshotNotFound(format!("{disk}@{pid}")))?;
-                Ok(parent.1.overlay(own))
-            }
-        }
-    }
-
     /// Make a snapshot copied from another repository visible under its own
     /// id and metadata, as [`commit`](Self::commit) does for a new one: its
     /// chunks flushed first, then its manifest, the catalog row last. A
     /// snapshot that exists already under that `DISK@ID` is an error.
     pub fn import(&self, info: &SnapshotInfo, own: &ImageMap) -> Result<()> {
         self.sync()?;
-        let image = self.resolve_image(&info.disk, info.parent.as_ref(), own)?;
         let manifests = self.manifests_dir();
         self.catalog().write(|w| {
             if w.exists(&info.disk, &info.id)? {
@@ -359,6 +349,7 @@ impl Repository {
                     info.reference()
                 )));
             }
+            let image = checkpoint_image(w, &info.disk, info.parent.as_ref(), own)?;
             manifest::write(
                 &manifests,
                 &Manifest::new(info, own),
@@ -390,11 +381,13 @@ impl Repository {
     pub fn commit(&self, new: NewSnapshot) -> Result<SnapshotInfo> {
         self.sync()?;
         log::debug!("synced");
-        let image = self.resolve_image(&new.disk, new.parent.as_ref(), &new.own)?;
-        log::debug!("image map resolved");
         let manifests = self.manifests_dir();
         let mut cat = self.catalog();
         cat.write(|w| {
+            // Inside the transaction, so that the chain it reads is the one
+            // the row joins; a missing parent fails before anything is written.
+            let image = checkpoint_image(w, &new.disk, new.parent.as_ref(), &new.own)?;
+            log::debug!("checkpoint: {}", image.is_some());
             let seq = w.next_seq(&new.disk)?;
             let info = SnapshotInfo {
                 disk: new.disk.clone(),
@@ -422,11 +415,31 @@ impl Repository {
             w.insert(&SnapshotRecord {
                 info: info.clone(),
                 own: new.own.clone(),
-                image: image.clone(),
+                image,
             })?;
             Ok(info)
         })
     }
+}
+
+/// The image map a new child of `parent` with `own` must store, if the
+/// catalog's checkpoint rule asks for one (see `store::catalog`).
+pub(crate) fn checkpoint_image(
+    w: &Writer,
+    disk: &DiskName,
+    parent: Option<&SnapshotId>,
+    own: &ImageMap,
+) -> Result<Option<ImageMap>> {
+    let Some(pid) = parent else {
+        return Ok(None);
+    };
+    if !w.checkpoint_due(disk, Some(pid), own.encode().len())? {
+        return Ok(None);
+    }
+    let base = w
+        .image_map(disk, pid)?
+        .ok_or_else(|| Error::SnapshotNotFound(format!("{disk}@{pid}")))?;
+    Ok(Some(base.overlay(own)))
 }
 
 #[cfg(test)]
