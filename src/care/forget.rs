@@ -38,9 +38,7 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
         )));
     }
     let own = repo.own_map(&current)?;
-    let current_checkpoint = repo
-        .catalog()
-        .is_checkpoint(&current.disk, &current.id)?;
+    let current_checkpoint = repo.catalog().is_checkpoint(&current.disk, &current.id)?;
     // What the children are laid over from now on, resolved once if needed.
     let mut new_base: Option<ImageMap> = None;
     let children: Vec<SnapshotInfo> = repo
@@ -64,9 +62,10 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
         let image = match &info.parent {
             Some(p) if current_checkpoint || child_checkpoint => {
                 if new_base.is_none() {
-                    let base = repo.catalog().image_map(&info.disk, p)?.ok_or_else(|| {
-                        Error::SnapshotNotFound(format!("{}@{p}", info.disk))
-                    })?;
+                    let base = repo
+                        .catalog()
+                        .image_map(&info.disk, p)?
+                        .ok_or_else(|| Error::SnapshotNotFound(format!("{}@{p}", info.disk)))?;
                     new_base = Some(base);
                 }
                 new_base.as_ref().map(|b| b.overlay(&merged))

@@ -609,7 +609,11 @@ pub(crate) mod tests {
             let max_len = [1, 4096, 1 << 20, 1 << 40][(round / 4) % 4];
             let m = random_map(&mut rng, n, chunks, max_len);
             assert_eq!(ImageMap::decode(&m.encode()).unwrap(), m, "round {round}");
-            assert_eq!(ImageMap::decode(&encode_v1(&m)).unwrap(), m, "v1 round {round}");
+            assert_eq!(
+                ImageMap::decode(&encode_v1(&m)).unwrap(),
+                m,
+                "v1 round {round}"
+            );
         }
     }
 

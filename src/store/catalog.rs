@@ -164,7 +164,11 @@ fn resolve(conn: &Connection, disk: &DiskName, id: &SnapshotId) -> Result<Option
             }
         }
     };
-    Ok(Some(tops.iter().rev().fold(base, |image, top| image.overlay(top))))
+    Ok(Some(
+        tops.iter()
+            .rev()
+            .fold(base, |image, top| image.overlay(top)),
+    ))
 }
 
 impl Catalog {

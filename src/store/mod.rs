@@ -3,6 +3,8 @@
 //! from its map.
 
 pub mod catalog;
+#[cfg(test)]
+mod chain_tests;
 pub mod chunk;
 pub mod crypto;
 pub mod durable;
