@@ -247,9 +247,24 @@ impl Catalog {
             .transpose()
     }
 
-    /// The snapshot's resolved image map (see the module comment for the cost).
+    /// The snapshot's resolved image map (see the module comment for the
+    /// cost), read in one transaction: a forget committing meanwhile is
+    /// seen entirely or not at all, never half a rewritten chain.
     pub fn image_map(&self, disk: &DiskName, id: &SnapshotId) -> Result<Option<ImageMap>> {
-        resolve(&self.conn, disk, id)
+        let tx = self.conn.unchecked_transaction()?;
+        resolve(&tx, disk, id)
+    }
+
+    /// The snapshot's own map and resolved image map, as of one moment.
+    pub fn maps(&self, disk: &DiskName, id: &SnapshotId) -> Result<Option<(ImageMap, ImageMap)>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let Some(b) = blobs(&tx, disk, id)? else {
+            return Ok(None);
+        };
+        let own = decode(&b.own, disk, id, "own map")?;
+        let image = resolve(&tx, disk, id)?
+            .ok_or_else(|| crate::Error::SnapshotNotFound(format!("{disk}@{id}")))?;
+        Ok(Some((own, image)))
     }
 
     /// Whether the row holds its resolved image map (a checkpoint).

@@ -1,6 +1,6 @@
 //! Images held open by mounts: `pins/<pid>.<start>/<n>.map`.
 //!
-//! gc marks what the catalog's image maps reference, but a mount may be
+//! gc marks what the catalog's own maps reference, but a mount may be
 //! serving an image whose snapshot was forgotten after it was opened. While
 //! an image is open, the mount keeps its image map here (the binary map
 //! encoding), and gc marks those chunks too. A directory whose mount is gone

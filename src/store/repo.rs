@@ -294,7 +294,9 @@ impl Repository {
 
     /// The snapshot's own map and its resolved image map.
     pub fn maps(&self, info: &SnapshotInfo) -> Result<(ImageMap, ImageMap)> {
-        Ok((self.own_map(info)?, self.image_map(info)?))
+        self.catalog()
+            .maps(&info.disk, &info.id)?
+            .ok_or_else(|| Error::SnapshotNotFound(info.reference()))
     }
 
     /// The snapshot's own map: what it changed over its parent.
