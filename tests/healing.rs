@@ -14,14 +14,7 @@ use serde_json::Value;
 
 /// `(hash, offset, length)` of each chunk piece a snapshot's manifest lists.
 fn manifest_chunks(env: &Env, snap: &str) -> Vec<(String, u64, u64)> {
-    let (disk, id) = snap.split_once('@').unwrap();
-    let path = env
-        .repo
-        .join("manifests")
-        .join(disk)
-        .join(format!("{id}.json"));
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    doc["chunks"]
+    manifest_chunks_json(&env.repo, snap)
         .as_array()
         .unwrap()
         .iter()

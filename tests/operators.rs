@@ -203,7 +203,7 @@ fn version_names_the_formats() {
         env!("CARGO_PKG_VERSION"),
         "strata-repo/1",
         "chunk files version 2 (reads 1 and 2)",
-        "strata-manifest/1",
+        "manifests   strata-manifest/2 (reads strata-manifest/1; sealed: strata-sealed-manifest/1)",
         "strata-sealed-manifest/1",
         "strata-key/1",
         "strata-extents/1",

@@ -111,8 +111,8 @@ pub fn map(cli: &Cli, a: &MapArgs) -> Result<ExitCode> {
     let info = repo.resolve(&SnapshotRef::parse(&a.snapshot)?)?;
     let doc = if a.own {
         repo.manifest(&info)
+            .and_then(|m| m.extent_doc())
             .with_context(|| format!("manifest of {}", info.reference()))?
-            .extent_doc()
     } else {
         image_doc(&repo, &info)?
     };

@@ -161,7 +161,7 @@ fn long_version() -> String {
         "{}\n\
          repository  {} (config.json)\n\
          chunk files version {} (reads {} and {})\n\
-         manifests   {} (sealed: {})\n\
+         manifests   {} (reads {}; sealed: {})\n\
          key files   {}\n\
          extent JSON {}\n\
          catalog     SQLite, schema {}\n\
@@ -172,6 +172,7 @@ fn long_version() -> String {
         chunk::VERSION_1,
         chunk::VERSION,
         manifest::MANIFEST_FORMAT,
+        manifest::MANIFEST_FORMAT_1,
         manifest::SEALED_FORMAT,
         keys::KEY_FORMAT,
         extent::EXTENTS_FORMAT,

@@ -244,7 +244,7 @@ impl ImageFs {
         if let Some(j) = file.json.get() {
             return Ok(j.clone());
         }
-        let doc = self.repo.manifest(&file.info)?.extent_doc();
+        let doc = self.repo.manifest(&file.info)?.extent_doc()?;
         let mut body = serde_json::to_vec_pretty(&doc).expect("extent doc serializes");
         body.push(b'\n');
         Ok(file.json.get_or_init(|| Arc::new(body)).clone())

@@ -508,3 +508,27 @@ pub fn raw_chain(env: &Env, disk: &str, size: u64, n: usize) -> Vec<(String, Pat
     }
     out
 }
+
+/// `[{"hash", "offset", "length", "skip"}]`: the chunk behind each own data
+/// range of `snap`, read from its manifest (of a plain repository).
+pub fn manifest_chunks_json(repo: &Path, snap: &str) -> serde_json::Value {
+    use strata::model::image_map::Piece;
+    let (disk, id) = snap.split_once('@').unwrap();
+    let path = repo.join("manifests").join(disk).join(format!("{id}.json"));
+    let (_, own) = strata::store::manifest::read(&path, None)
+        .unwrap()
+        .decode()
+        .unwrap();
+    own.segments
+        .iter()
+        .filter_map(|s| match s.piece {
+            Piece::Data { chunk, skip } => Some(serde_json::json!({
+                "hash": chunk.to_hex(),
+                "offset": s.range.offset,
+                "length": s.range.length,
+                "skip": skip,
+            })),
+            Piece::Zero => None,
+        })
+        .collect()
+}
