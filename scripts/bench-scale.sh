@@ -57,7 +57,7 @@ own, image = c.execute("SELECT sum(length(own_map)), sum(length(image_map)) FROM
 c.close()
 cat = os.path.getsize(os.path.join(root, "catalog.db"))
 man = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(root, "manifests")) for f in fs)
-print(f"catalog {cat} manifests {man} total {cat + man} (own maps {own}, stored image maps {image})")
+print(f"catalog {cat} manifests {man} total {cat + man} (own maps {own}, stored image maps (keyframes) {image})")
 EOF
 }
 run() { # label, command...: wall time and peak RSS

@@ -379,8 +379,8 @@ fn rebuild_catalog_from_manifests() {
     assert_all_exact(&env, &chain);
 }
 
-/// Ids of the rows that store their resolved image map (checkpoints).
-fn checkpoints(env: &Env) -> BTreeSet<String> {
+/// Ids of the rows that store their resolved image map (keyframes).
+fn keyframes(env: &Env) -> BTreeSet<String> {
     let conn = rusqlite::Connection::open(env.repo.join("catalog.db")).unwrap();
     let mut stmt = conn
         .prepare("SELECT disk || '@' || id FROM snapshots WHERE length(image_map) > 0")
@@ -393,20 +393,20 @@ fn checkpoints(env: &Env) -> BTreeSet<String> {
     ids
 }
 
-/// A chain longer than the checkpoint interval: the 16th incremental
+/// A chain longer than the keyframe interval: the 16th incremental
 /// stores its image map, the others only their own. Forgetting that
-/// checkpoint, its child and middle snapshots, pruning, gc and a catalog
+/// keyframe, its child and middle snapshots, pruning, gc and a catalog
 /// rebuild keep every remaining image exact at every depth.
 #[test]
-fn long_chain_checkpoints_survive_forget_prune_and_rebuild() {
+fn long_chain_keyframes_survive_forget_prune_and_rebuild() {
     let env = Env::new();
     let chain = raw_chain(&env, "long", 4 << 20, 20);
-    assert_eq!(checkpoints(&env), BTreeSet::from([chain[16].0.clone()]));
+    assert_eq!(keyframes(&env), BTreeSet::from([chain[16].0.clone()]));
     assert_all_exact(&env, &chain);
 
-    // The checkpoint goes: its child stores the image instead.
+    // The keyframe goes: its child stores the image instead.
     env.ok(&["forget", &chain[16].0]);
-    assert_eq!(checkpoints(&env), BTreeSet::from([chain[17].0.clone()]));
+    assert_eq!(keyframes(&env), BTreeSet::from([chain[17].0.clone()]));
     for i in [17, 5, 11, 0] {
         env.ok(&["forget", &chain[i].0]);
     }

@@ -124,7 +124,7 @@ fn metadata_grows_with_changes_not_disk_size() {
     for (id, own, image) in &rows[1..] {
         // 256 clusters in 64 grouped chunks: chunk names and a few bytes
         // per cluster, whatever the disk's size or the full's map.
-        assert_eq!(*image, 0, "{id}: no checkpoint this shallow");
+        assert_eq!(*image, 0, "{id}: no keyframe this shallow");
         assert!(*own < 64 * 32 + 256 * 12 + 512, "{id}: own map {own} bytes");
         assert!(*own * 4 < *full_own, "{id}: {own} vs full {full_own}");
         let m = manifest_len(&env.repo, id);

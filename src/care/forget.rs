@@ -6,10 +6,10 @@
 //! becomes full). Only metadata changes; chunks are shared, not copied, and
 //! C's resolved image map, hence every byte of its image, stays the same.
 //!
-//! Checkpoints (see `store::catalog`): a child of a removed checkpoint, or a
+//! Keyframes (see `store::catalog`): a child of a removed keyframe, or a
 //! child that was one, stores its resolved image map, so that every
-//! snapshot stays fewer than `CHECKPOINT_EVERY` links below a stored map.
-//! Removing a snapshot that is not a checkpoint only shortens the chains
+//! snapshot stays fewer than `KEYFRAME_EVERY` links below a stored map.
+//! Removing a snapshot that is not a keyframe only shortens the chains
 //! below it.
 //!
 //! Crash safety: children's manifests are rewritten first (either version
@@ -38,7 +38,7 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
         )));
     }
     let own = repo.own_map(&current)?;
-    let current_checkpoint = repo.catalog().is_checkpoint(&current.disk, &current.id)?;
+    let current_keyframe = repo.catalog().is_keyframe(&current.disk, &current.id)?;
     // What the children are laid over from now on, resolved once if needed.
     let mut new_base: Option<ImageMap> = None;
     let children: Vec<SnapshotInfo> = repo
@@ -50,7 +50,7 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
     let mut rewritten = Vec::new();
     for child in &children {
         let child_own = repo.own_map(child)?;
-        let child_checkpoint = repo.catalog().is_checkpoint(&child.disk, &child.id)?;
+        let child_keyframe = repo.catalog().is_keyframe(&child.disk, &child.id)?;
         let mut info = child.clone();
         info.parent = current.parent.clone();
         if current.kind == SnapshotKind::Full {
@@ -60,7 +60,7 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
         // Recomputed rather than copied: equal bytes, and the same map that
         // verify computes from the new parent and own map.
         let image = match &info.parent {
-            Some(p) if current_checkpoint || child_checkpoint => {
+            Some(p) if current_keyframe || child_keyframe => {
                 if new_base.is_none() {
                     let base = repo
                         .catalog()

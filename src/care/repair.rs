@@ -1,6 +1,6 @@
 //! `repair --rebuild-catalog`: recreate the SQLite catalog from the
 //! manifest files (invariant 8). Parents are inserted before children, and
-//! checkpoints (stored image maps) placed by the rule `commit` follows.
+//! keyframes (stored image maps) placed by the rule `commit` follows.
 
 use std::collections::HashSet;
 use std::fs;
@@ -11,7 +11,7 @@ use crate::model::snapshot::SnapshotInfo;
 use crate::store::catalog::{Catalog, SnapshotRecord};
 use crate::store::lock::{self, MaintenanceLock};
 use crate::store::manifest;
-use crate::store::repo::{self, checkpoint_image, PassphraseSource};
+use crate::store::repo::{self, keyframe_image, PassphraseSource};
 
 #[derive(Debug, Default)]
 pub struct RebuildReport {
@@ -80,11 +80,11 @@ pub fn rebuild_catalog(
     let tmp = root.join("catalog.db.rebuild");
     let _ = fs::remove_file(&tmp);
     let mut catalog = Catalog::open(&tmp)?;
-    // One transaction, rows in parent order: each checkpoint is placed by
+    // One transaction, rows in parent order: each keyframe is placed by
     // the same rule as at commit, from the rows inserted before it.
     catalog.write(|w| {
         for (info, own) in &ordered {
-            let image = checkpoint_image(w, &info.disk, info.parent.as_ref(), own)?;
+            let image = keyframe_image(w, &info.disk, info.parent.as_ref(), own)?;
             w.insert(&SnapshotRecord {
                 info: info.clone(),
                 own: own.clone(),

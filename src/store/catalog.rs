@@ -1,14 +1,14 @@
 //! The SQLite catalog: one row per committed snapshot, with its own
 //! segments and, every few snapshots of a chain, its resolved image map (a
-//! *checkpoint*). A row exists only once the snapshot's chunks and manifest
+//! *keyframe*). A row exists only once the snapshot's chunks and manifest
 //! are durable, so the catalog is what "visible" means.
 //!
 //! Resolving an image starts from the nearest row up the chain that holds
-//! its image (a checkpoint, or a full snapshot, whose own map is its image)
+//! its image (a keyframe, or a full snapshot, whose own map is its image)
 //! and lays the own maps below it over that, oldest first. The placement
-//! rule ([`Writer::checkpoint_due`]) keeps every snapshot fewer than
-//! [`CHECKPOINT_EVERY`] links below its base, so opening an image decodes
-//! one resolved map and at most `CHECKPOINT_EVERY - 1` own maps, whatever
+//! rule ([`Writer::keyframe_due`]) keeps every snapshot fewer than
+//! [`KEYFRAME_EVERY`] links below its base, so opening an image decodes
+//! one resolved map and at most `KEYFRAME_EVERY - 1` own maps, whatever
 //! the chain's length (invariant 3), while a snapshot's row grows with what
 //! it changed, not with the disk.
 
@@ -24,19 +24,19 @@ use crate::model::snapshot::{format_time, parse_time, SnapshotInfo, SnapshotKind
 
 /// The version of [`SCHEMA`], shown by `strata --version`. It is not
 /// stored in the database. Version 2 keeps version 1's columns but lets
-/// `image_map` be empty (not a checkpoint) and writes map encoding 2; a
-/// version 1 catalog (every row a checkpoint, encoding 1) is read as it is.
+/// `image_map` be empty (not a keyframe) and writes map encoding 2; a
+/// version 1 catalog (every row a keyframe, encoding 1) is read as it is.
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// A chain stores a resolved image map at least every this many snapshots:
-/// opening an image overlays at most `CHECKPOINT_EVERY - 1` own maps.
-pub const CHECKPOINT_EVERY: usize = 16;
+/// opening an image overlays at most `KEYFRAME_EVERY - 1` own maps.
+pub const KEYFRAME_EVERY: usize = 16;
 
-/// A checkpoint is also stored once the own maps since the last one add up
+/// A keyframe is also stored once the own maps since the last one add up
 /// to the size of its stored map (so an open never decodes more than about
 /// twice a resolved map), unless they are smaller than this: below it,
 /// decoding costs nothing worth a copy of the image map.
-pub const CHECKPOINT_MIN_BYTES: usize = 64 << 10;
+pub const KEYFRAME_MIN_BYTES: usize = 64 << 10;
 
 /// Longest chain followed before a catalog is called damaged (parents are
 /// older than their children, so a loop can only come from corruption).
@@ -69,7 +69,7 @@ pub struct Catalog {
 }
 
 /// A snapshot row: its own map, and its resolved image map when the row is
-/// a checkpoint (`None`: resolved from the chain when opened).
+/// a keyframe (`None`: resolved from the chain when opened).
 pub struct SnapshotRecord {
     pub info: SnapshotInfo,
     pub own: ImageMap,
@@ -133,7 +133,7 @@ fn decode(blob: &[u8], disk: &DiskName, id: &SnapshotId, what: &str) -> Result<I
 }
 
 /// The resolved image map of `disk@id`, `None` if there is no such row:
-/// the nearest stored image up the chain (a checkpoint's, or a full
+/// the nearest stored image up the chain (a keyframe's, or a full
 /// snapshot's own map) with the own maps below it laid over it.
 fn resolve(conn: &Connection, disk: &DiskName, id: &SnapshotId) -> Result<Option<ImageMap>> {
     let mut tops: Vec<ImageMap> = Vec::new();
@@ -267,8 +267,8 @@ impl Catalog {
         Ok(Some((own, image)))
     }
 
-    /// Whether the row holds its resolved image map (a checkpoint).
-    pub fn is_checkpoint(&self, disk: &DiskName, id: &SnapshotId) -> Result<bool> {
+    /// Whether the row holds its resolved image map (a keyframe).
+    pub fn is_keyframe(&self, disk: &DiskName, id: &SnapshotId) -> Result<bool> {
         Ok(link(&self.conn, disk, id)?.is_some_and(|l| l.image_len > 0))
     }
 
@@ -354,11 +354,11 @@ impl Writer<'_> {
 
     /// Whether a new child of `parent` whose own map encodes to `own_len`
     /// bytes must store its resolved image map: when it would otherwise lie
-    /// [`CHECKPOINT_EVERY`] links below its base, or when the own maps
+    /// [`KEYFRAME_EVERY`] links below its base, or when the own maps
     /// since the base (its own included) add up to the base's stored map
-    /// (and to at least [`CHECKPOINT_MIN_BYTES`]). A missing parent is an
+    /// (and to at least [`KEYFRAME_MIN_BYTES`]). A missing parent is an
     /// error. Only blob lengths are read: the cost is a few row lookups.
-    pub fn checkpoint_due(
+    pub fn keyframe_due(
         &self,
         disk: &DiskName,
         parent: Option<&SnapshotId>,
@@ -380,12 +380,12 @@ impl Writer<'_> {
             };
             depth += 1;
             own_sum += l.own_len;
-            if depth >= CHECKPOINT_EVERY {
+            if depth >= KEYFRAME_EVERY {
                 return Ok(true);
             }
             cur = p;
         };
-        Ok(depth >= CHECKPOINT_EVERY || own_sum >= base_len.max(CHECKPOINT_MIN_BYTES))
+        Ok(depth >= KEYFRAME_EVERY || own_sum >= base_len.max(KEYFRAME_MIN_BYTES))
     }
 
     pub fn exists(&self, disk: &DiskName, id: &SnapshotId) -> Result<bool> {
@@ -428,7 +428,7 @@ impl Writer<'_> {
     }
 }
 
-/// The `image_map` column: the encoded map of a checkpoint, else empty.
+/// The `image_map` column: the encoded map of a keyframe, else empty.
 fn image_blob(rec: &SnapshotRecord) -> Vec<u8> {
     rec.image.as_ref().map(ImageMap::encode).unwrap_or_default()
 }

@@ -1,4 +1,4 @@
-//! Chains of snapshots with checkpoints, through the library: images equal
+//! Chains of snapshots with keyframes, through the library: images equal
 //! to the naive overlay of every own map at every depth, before and after
 //! forget, after a catalog rebuild, and from a catalog written in schema 1.
 
@@ -12,7 +12,7 @@ use crate::model::image_map::tests::{encode_v1, random_map, Rng};
 use crate::model::image_map::{ImageMap, Piece, Segment};
 use crate::model::name::DiskName;
 use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
-use crate::store::catalog::CHECKPOINT_EVERY;
+use crate::store::catalog::KEYFRAME_EVERY;
 use crate::store::repo::{NewSnapshot, Repository};
 
 const SIZE: u64 = 1 << 30;
@@ -58,7 +58,7 @@ fn links_to_base(repo: &Repository, info: &SnapshotInfo) -> usize {
     let cat = repo.catalog();
     let mut cur = info.clone();
     let mut n = 0;
-    while !cat.is_checkpoint(&cur.disk, &cur.id).unwrap() {
+    while !cat.is_keyframe(&cur.disk, &cur.id).unwrap() {
         let Some(p) = cur.parent.clone() else { break };
         n += 1;
         cur = cat.get(&cur.disk, &p).unwrap().unwrap();
@@ -67,7 +67,7 @@ fn links_to_base(repo: &Repository, info: &SnapshotInfo) -> usize {
 }
 
 /// A chain of 50: a full with many segments, small incrementals, a few
-/// large ones (checkpoints by share), and size changes.
+/// large ones (keyframes by share), and size changes.
 fn build_chain(repo: &Repository, rng: &mut Rng) -> Vec<(SnapshotInfo, ImageMap)> {
     let mut out: Vec<(SnapshotInfo, ImageMap)> = Vec::new();
     let full = own(rng, SIZE, 3000, 1 << 40);
@@ -108,7 +108,7 @@ fn check_all(repo: &Repository, chain: &[(SnapshotInfo, ImageMap)], exact: bool,
             );
         }
         assert!(
-            links_to_base(repo, info) < CHECKPOINT_EVERY,
+            links_to_base(repo, info) < KEYFRAME_EVERY,
             "{what}: {} is {} links below a stored map",
             info.reference(),
             links_to_base(repo, info)
@@ -133,20 +133,20 @@ fn images_resolve_at_every_depth_and_survive_forget_and_rebuild() {
     let stored: Vec<usize> = (0..chain.len())
         .filter(|&i| {
             let (info, _) = &chain[i];
-            repo.catalog().is_checkpoint(&info.disk, &info.id).unwrap()
+            repo.catalog().is_keyframe(&info.disk, &info.id).unwrap()
         })
         .collect();
     // Both rules fire (every 16 links, and the large incrementals), and
     // most rows hold only their own map.
     assert!(
         stored.len() >= 3 && stored.len() <= 10,
-        "checkpoints {stored:?}"
+        "keyframes {stored:?}"
     );
     assert!(stored.contains(&13), "share rule: {stored:?}");
     let (own_bytes, image_bytes) = repo.catalog().map_bytes().unwrap();
     assert!(image_bytes < own_bytes * 3, "{own_bytes} {image_bytes}");
 
-    // Forget checkpoints, their children, non-checkpoints, and the full.
+    // Forget keyframes, their children, non-keyframes, and the full.
     let victims = [stored[1], stored[1] + 1, 5, stored[2], 0, chain.len() - 2];
     let mut ids: Vec<_> = victims.iter().map(|&i| chain[i].0.id.clone()).collect();
     ids.dedup();
@@ -216,7 +216,7 @@ fn schema_1_catalog_opens_and_grows() {
     let repo = Repository::open(&root).unwrap();
     check_all(&repo, &chain, true, "schema 1");
     // New snapshots go on top of old rows; their rows are new-style.
-    for n in 4..(4 + CHECKPOINT_EVERY as i64 + 2) {
+    for n in 4..(4 + KEYFRAME_EVERY as i64 + 2) {
         let top = own(&mut rng, SIZE, 20, 1 << 40);
         let image = chain.last().unwrap().1.overlay(&top);
         let info = commit(&repo, Some(&chain.last().unwrap().0), n, top);
@@ -225,14 +225,14 @@ fn schema_1_catalog_opens_and_grows() {
     check_all(&repo, &chain, true, "grown");
     assert!(repo
         .catalog()
-        .is_checkpoint(
-            &chain[3 + CHECKPOINT_EVERY].0.disk,
-            &chain[3 + CHECKPOINT_EVERY].0.id
+        .is_keyframe(
+            &chain[3 + KEYFRAME_EVERY].0.disk,
+            &chain[3 + KEYFRAME_EVERY].0.id
         )
         .unwrap());
     assert!(!repo
         .catalog()
-        .is_checkpoint(&chain[4].0.disk, &chain[4].0.id)
+        .is_keyframe(&chain[4].0.disk, &chain[4].0.id)
         .unwrap());
     // forget of an old-style row folds it like any other.
     forget::forget_one(&repo, &chain[2].0).unwrap();

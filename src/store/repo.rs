@@ -307,7 +307,7 @@ impl Repository {
     }
 
     /// The snapshot's resolved image map: one stored map and at most
-    /// `catalog::CHECKPOINT_EVERY - 1` own maps decoded and overlaid.
+    /// `catalog::KEYFRAME_EVERY - 1` own maps decoded and overlaid.
     /// Callers that read keep it for as long as they read.
     pub fn image_map(&self, info: &SnapshotInfo) -> Result<ImageMap> {
         self.catalog()
@@ -351,7 +351,7 @@ impl Repository {
                     info.reference()
                 )));
             }
-            let image = checkpoint_image(w, &info.disk, info.parent.as_ref(), own)?;
+            let image = keyframe_image(w, &info.disk, info.parent.as_ref(), own)?;
             manifest::write(
                 &manifests,
                 &Manifest::new(info, own),
@@ -388,8 +388,8 @@ impl Repository {
         cat.write(|w| {
             // Inside the transaction, so that the chain it reads is the one
             // the row joins; a missing parent fails before anything is written.
-            let image = checkpoint_image(w, &new.disk, new.parent.as_ref(), &new.own)?;
-            log::debug!("checkpoint: {}", image.is_some());
+            let image = keyframe_image(w, &new.disk, new.parent.as_ref(), &new.own)?;
+            log::debug!("keyframe: {}", image.is_some());
             let seq = w.next_seq(&new.disk)?;
             let info = SnapshotInfo {
                 disk: new.disk.clone(),
@@ -425,8 +425,8 @@ impl Repository {
 }
 
 /// The image map a new child of `parent` with `own` must store, if the
-/// catalog's checkpoint rule asks for one (see `store::catalog`).
-pub(crate) fn checkpoint_image(
+/// catalog's keyframe rule asks for one (see `store::catalog`).
+pub(crate) fn keyframe_image(
     w: &Writer,
     disk: &DiskName,
     parent: Option<&SnapshotId>,
@@ -435,7 +435,7 @@ pub(crate) fn checkpoint_image(
     let Some(pid) = parent else {
         return Ok(None);
     };
-    if !w.checkpoint_due(disk, Some(pid), own.encode().len())? {
+    if !w.keyframe_due(disk, Some(pid), own.encode().len())? {
         return Ok(None);
     }
     let base = w
