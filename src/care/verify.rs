@@ -101,27 +101,40 @@ pub fn verify(
 
     // reason and ranges per snapshot, in selection order
     let mut damage: BTreeMap<usize, (Vec<String>, Vec<ByteRange>)> = BTreeMap::new();
-    let mut maps: Vec<(usize, ImageMap)> = Vec::new();
+    // Only the chunk names are kept across snapshots, not their image maps:
+    // memory stays one image map (plus the names) however many snapshots
+    // are verified. Images are resolved again only if a chunk is bad.
+    let mut sound: Vec<usize> = Vec::new();
+    let mut wanted: HashSet<ChunkId> = HashSet::new();
     for (i, info) in selected.iter().enumerate() {
         match check_metadata(repo, info, &known) {
-            Ok(image) => maps.push((i, image)),
+            Ok(image) => {
+                sound.push(i);
+                wanted.extend(
+                    image
+                        .chunks()
+                        .into_iter()
+                        .filter(|id| opts.subset.includes(id)),
+                );
+            }
             Err(reason) => {
                 let entry = damage.entry(i).or_default();
                 entry.0.push(reason);
             }
         }
     }
-
-    let mut wanted: Vec<ChunkId> = maps
-        .iter()
-        .flat_map(|(_, m)| m.chunks())
-        .filter(|id| opts.subset.includes(id))
-        .collect();
+    let mut wanted: Vec<ChunkId> = wanted.into_iter().collect();
     wanted.sort_unstable();
-    wanted.dedup();
     let bad = check_chunks(repo, &wanted, opts.quick);
 
-    for (i, map) in &maps {
+    for &i in sound.iter().filter(|_| !bad.is_empty()) {
+        let map = match repo.image_map(&selected[i]) {
+            Ok(map) => map,
+            Err(e) => {
+                damage.entry(i).or_default().0.push(format!("catalog: {e}"));
+                continue;
+            }
+        };
         let mut reasons: BTreeMap<String, ()> = BTreeMap::new();
         let mut ranges = Vec::new();
         for seg in &map.segments {
@@ -133,7 +146,7 @@ pub fn verify(
             }
         }
         if !ranges.is_empty() {
-            let entry = damage.entry(*i).or_default();
+            let entry = damage.entry(i).or_default();
             entry.0.extend(reasons.into_keys());
             entry.1.extend(ranges);
         }
