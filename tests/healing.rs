@@ -143,9 +143,7 @@ impl QemuNbd {
 
 impl Drop for QemuNbd {
     fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-f", &format!("qemu-nbd.*{}", self.sock.display())])
-            .status();
+        stop_matching(&format!("qemu-nbd.*{}", self.sock.display()));
     }
 }
 

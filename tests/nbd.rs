@@ -226,11 +226,7 @@ fn pull_from_qemu_nbd() {
             ],
         )
     };
-    let stop = || {
-        let _ = Command::new("pkill")
-            .args(["-f", &format!("qemu-nbd.*{}", sock.display())])
-            .status();
-    };
+    let stop = || common::stop_matching(&format!("qemu-nbd.*{}", sock.display()));
     serve();
     env.backup(&["--disk", "q", &uri]);
     stop();
@@ -707,9 +703,7 @@ fn tcp_and_keep_listening() {
         "tcp",
         &format!("nbd://127.0.0.1:{port}/"),
     ]);
-    let _ = Command::new("pkill")
-        .args(["-f", &format!("qemu-nbd.*-p {port}")])
-        .status();
+    common::stop_matching(&format!("qemu-nbd.*-p {port}"));
     assert!(
         pulled.status.success(),
         "{}",

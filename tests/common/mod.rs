@@ -532,3 +532,21 @@ pub fn manifest_chunks_json(repo: &Path, snap: &str) -> serde_json::Value {
         })
         .collect()
 }
+
+/// Stop every process whose command line matches `pattern` (`pgrep -f`)
+/// and wait until each has exited: a qemu-nbd that is still going holds
+/// its image's write lock.
+pub fn stop_matching(pattern: &str) {
+    let out = Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        // SAFETY: kill(2) with a pid and a signal number.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        wait_exit(pid);
+    }
+}
