@@ -130,7 +130,7 @@ pub fn backup_domain(repo: &Repository, opts: &DomainOptions) -> Result<DomainRu
     // covers every write since the last good run.
     for cp in v.checkpoints()? {
         if cp.starts_with(CHECKPOINT_PREFIX) && Some(&cp) != since.as_ref() {
-            v.checkpoint_delete(&cp)?;
+            delete_checkpoint(&v, &cp, &mut notes);
         }
     }
 
@@ -348,9 +348,7 @@ pub fn backup_domain(repo: &Repository, opts: &DomainOptions) -> Result<DomainRu
     if let Some(cp) = &run.checkpoint {
         for old in v.checkpoints()? {
             if old.starts_with(CHECKPOINT_PREFIX) && &old != cp {
-                if let Err(e) = v.checkpoint_delete(&old) {
-                    notes.push(format!("could not delete the old checkpoint {old}: {e}"));
-                }
+                delete_checkpoint(&v, &old, &mut notes);
             }
         }
     }
@@ -382,6 +380,25 @@ fn ensure_checkpoint(v: &Virsh, run: &Run, cp: &str, notes: &mut Vec<String>) ->
         "libvirt had lost checkpoint {cp}: redefined it from the copy in the repository"
     ));
     Ok(cp.to_string())
+}
+
+/// Delete one of strata's checkpoints. libvirt refuses when a disk's
+/// bitmap is already gone; then only its metadata is deleted (libvirt no
+/// longer offers it) and the note says that bitmaps of that checkpoint may
+/// stay in the other disks' images. Never fails the run: a checkpoint left
+/// over does not make later incrementals wrong, libvirt merges bitmaps
+/// along the chain.
+fn delete_checkpoint(v: &Virsh, cp: &str, notes: &mut Vec<String>) {
+    let Err(e) = v.checkpoint_delete(cp) else {
+        return;
+    };
+    match v.dom("checkpoint-delete", &[cp, "--metadata"]) {
+        Ok(_) => notes.push(format!(
+            "checkpoint {cp}: libvirt could not delete it ({e}); deleted its metadata only, \
+             so its bitmaps may stay in the disk images (qemu-img bitmap --remove, domain off)"
+        )),
+        Err(e2) => notes.push(format!("could not delete checkpoint {cp}: {e}; {e2}")),
+    }
 }
 
 /// A backup job a killed strata left running would block ours: end it if
