@@ -121,7 +121,12 @@ impl Libvirtd {
 
 impl Drop for Libvirtd {
     fn drop(&mut self) {
-        for d in self.domains.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for d in self
+            .domains
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             let _ = self.virsh_status(&["destroy", d]);
             for cp in Command::new("virsh")
                 .args(["-q", "-c", &self.uri, "checkpoint-list", d, "--name"])
@@ -149,7 +154,10 @@ impl Drop for Libvirtd {
         if std::thread::panicking() {
             if let Ok(log) = std::fs::read_to_string(self.dir.path().join("libvirtd.log")) {
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                eprintln!("libvirtd log (last lines, newest first):\n{}", tail.join("\n"));
+                eprintln!(
+                    "libvirtd log (last lines, newest first):\n{}",
+                    tail.join("\n")
+                );
             }
         }
     }
@@ -177,7 +185,13 @@ fn image(dir: &Path, target: &str, format: &str) -> PathBuf {
 impl<'a> Domain<'a> {
     /// Define a domain with these (target, format) disks; started paused
     /// unless `shut_off`.
-    fn new(lv: &'a Libvirtd, env: &Env, name: &str, disks: &[(&str, &str)], shut_off: bool) -> Self {
+    fn new(
+        lv: &'a Libvirtd,
+        env: &Env,
+        name: &str,
+        disks: &[(&str, &str)],
+        shut_off: bool,
+    ) -> Self {
         let dir = env.path("images");
         std::fs::create_dir_all(&dir).unwrap();
         let mut xml = format!(
@@ -187,7 +201,14 @@ impl<'a> Domain<'a> {
         for (t, f) in disks {
             sh(
                 "qemu-img",
-                &["create", "-q", "-f", f, image(&dir, t, f).to_str().unwrap(), &SIZE.to_string()],
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    f,
+                    image(&dir, t, f).to_str().unwrap(),
+                    &SIZE.to_string(),
+                ],
             );
             xml += &disk_xml(&dir, t, f);
         }
@@ -263,7 +284,16 @@ impl<'a> Domain<'a> {
         let img = image(&self.dir, target, format);
         sh(
             "qemu-img",
-            &["convert", "-U", "-f", format, "-O", "raw", img.to_str().unwrap(), out.to_str().unwrap()],
+            &[
+                "convert",
+                "-U",
+                "-f",
+                format,
+                "-O",
+                "raw",
+                img.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ],
         );
     }
 
@@ -320,7 +350,11 @@ fn backup(env: &Env, args: &[&str]) -> RunOut {
         .map(|l| {
             let mut w = l.split_whitespace();
             let r = w.next().unwrap().to_string();
-            let k = w.next().unwrap().trim_matches(|c| c == '(' || c == ',').to_string();
+            let k = w
+                .next()
+                .unwrap()
+                .trim_matches(|c| c == '(' || c == ',')
+                .to_string();
             (r, k)
         })
         .collect();
@@ -346,7 +380,11 @@ fn assert_run_exact(env: &Env, dom: &Domain, run: &RunOut, disks: &[(&str, &str)
         let truth = env.path(&format!("truth-{t}-{id}.raw"));
         dom.truth(t, f, &truth);
         let out = env.path(&format!("restored-{t}-{id}.raw"));
-        env.ok(&["restore", &format!("{prefix}/{t}@{id}"), out.to_str().unwrap()]);
+        env.ok(&[
+            "restore",
+            &format!("{prefix}/{t}@{id}"),
+            out.to_str().unwrap(),
+        ]);
         assert_same(&out, &truth);
     }
 }
@@ -359,9 +397,17 @@ fn two_disks_full_then_incrementals_restore_exactly() {
     let dom = Domain::new(&lv, &env, "st-two", &disks, false);
     // A checkpoint strata did not make: strata must leave it alone.
     let foreign = env.path("foreign.xml");
-    std::fs::write(&foreign, "<domaincheckpoint><name>theirs</name></domaincheckpoint>").unwrap();
+    std::fs::write(
+        &foreign,
+        "<domaincheckpoint><name>theirs</name></domaincheckpoint>",
+    )
+    .unwrap();
     lv.virsh(&["checkpoint-create", "st-two", foreign.to_str().unwrap()]);
-    dom.io("vda", "qcow2", &["write -P 0x11 0 1M", "write -P 0x12 8M 64k"]);
+    dom.io(
+        "vda",
+        "qcow2",
+        &["write -P 0x11 0 1M", "write -P 0x12 8M 64k"],
+    );
     dom.io("vdb", "qcow2", &["write -P 0x21 4M 2M"]);
     let r1 = backup(&env, &["--domain", "st-two", "--label", "nightly"]);
     assert_eq!(r1.kind("st-two/vda"), "full");
@@ -370,7 +416,11 @@ fn two_disks_full_then_incrementals_restore_exactly() {
     assert_run_exact(&env, &dom, &r1, &disks);
 
     // Writes, zero writes and discards of earlier data.
-    dom.io("vda", "qcow2", &["write -P 0x13 512k 64k", "write -z 8M 64k"]);
+    dom.io(
+        "vda",
+        "qcow2",
+        &["write -P 0x13 512k 64k", "write -z 8M 64k"],
+    );
     dom.io("vdb", "qcow2", &["discard 4M 1M", "write -P 0x22 60M 128k"]);
     let r2 = backup(&env, &["--domain", "st-two"]);
     assert_eq!(r2.kind("st-two/vda"), "incremental");
@@ -384,7 +434,11 @@ fn two_disks_full_then_incrementals_restore_exactly() {
     // The earlier runs still read back as they were.
     let id1 = r1.run.split_once('@').unwrap().1;
     let out = env.path("again.raw");
-    env.ok(&["restore", &format!("st-two/vda@{id1}"), out.to_str().unwrap()]);
+    env.ok(&[
+        "restore",
+        &format!("st-two/vda@{id1}"),
+        out.to_str().unwrap(),
+    ]);
     assert_same(&out, &env.path(&format!("truth-vda-{id1}.raw")));
 
     // One strata checkpoint, the last run's, named in its snapshots; the
@@ -444,7 +498,10 @@ fn two_disks_full_then_incrementals_restore_exactly() {
         assert_eq!(drv, "raw");
         assert_same(
             &expect,
-            &env.path(&format!("truth-{t}-{}.raw", r3.run.split_once('@').unwrap().1)),
+            &env.path(&format!(
+                "truth-{t}-{}.raw",
+                r3.run.split_once('@').unwrap().1
+            )),
         );
         seen.push(t.to_string());
     }
@@ -462,7 +519,13 @@ fn two_disks_full_then_incrementals_restore_exactly() {
     assert_eq!(env.snapshots().len(), 4);
     let out = env.path("after-forget.raw");
     env.ok(&["restore", "st-two/vdb@latest", out.to_str().unwrap()]);
-    assert_same(&out, &env.path(&format!("truth-vdb-{}.raw", r3.run.split_once('@').unwrap().1)));
+    assert_same(
+        &out,
+        &env.path(&format!(
+            "truth-vdb-{}.raw",
+            r3.run.split_once('@').unwrap().1
+        )),
+    );
 }
 
 #[test]
@@ -509,7 +572,8 @@ fn a_disk_whose_bitmap_is_gone_gets_a_full_the_other_stays_incremental() {
     assert_eq!(r.kind("st-bitmap/vda"), "incremental");
     assert_eq!(r.kind("st-bitmap/vdb"), "full");
     assert!(
-        r.stdout.contains("st-bitmap/vdb: full: its bitmap is missing or broken"),
+        r.stdout
+            .contains("st-bitmap/vdb: full: its bitmap is missing or broken"),
         "{}",
         r.stdout
     );
@@ -530,7 +594,17 @@ fn an_added_disk_gets_a_full_and_a_removed_one_stops() {
     dom.io("vda", "qcow2", &["write -P 0x51 0 64k"]);
     backup(&env, &["--domain", "st-add"]);
     let vdc = image(&dom.dir, "vdc", "qcow2");
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", vdc.to_str().unwrap(), &SIZE.to_string()]);
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            vdc.to_str().unwrap(),
+            &SIZE.to_string(),
+        ],
+    );
     let x = env.path("vdc.xml");
     std::fs::write(&x, disk_xml(&dom.dir, "vdc", "qcow2")).unwrap();
     // Hotplug needs a guest that answers ACPI; this one runs no OS, so the
@@ -543,8 +617,17 @@ fn an_added_disk_gets_a_full_and_a_removed_one_stops() {
     let r = backup(&env, &["--domain", "st-add"]);
     assert_eq!(r.kind("st-add/vda"), "incremental");
     assert_eq!(r.kind("st-add/vdc"), "full");
-    assert!(r.stdout.contains("st-add/vdc: full: new disk"), "{}", r.stdout);
-    assert_run_exact(&env, &dom, &r, &[("vda", "qcow2"), ("vdb", "qcow2"), ("vdc", "qcow2")]);
+    assert!(
+        r.stdout.contains("st-add/vdc: full: new disk"),
+        "{}",
+        r.stdout
+    );
+    assert_run_exact(
+        &env,
+        &dom,
+        &r,
+        &[("vda", "qcow2"), ("vdb", "qcow2"), ("vdc", "qcow2")],
+    );
 
     let y = env.path("vdb.xml");
     std::fs::write(&y, disk_xml(&dom.dir, "vdb", "qcow2")).unwrap();
@@ -591,7 +674,11 @@ fn raw_disks_are_full_every_run_and_excluded_disks_are_left_out() {
     dom.io("vdc", "qcow2", &["write -P 0x72 0 1M"]);
     let r1 = backup(&env, &["--domain", "st-raw", "--exclude", "vdc"]);
     assert_eq!(r1.kind("st-raw/vdb"), "full");
-    assert!(r1.stdout.contains("cannot hold a dirty bitmap"), "{}", r1.stdout);
+    assert!(
+        r1.stdout.contains("cannot hold a dirty bitmap"),
+        "{}",
+        r1.stdout
+    );
     dom.io("vdb", "raw", &["write -P 0x73 2M 64k"]);
     dom.io("vda", "qcow2", &["write -P 0x74 2M 64k"]);
     let r2 = backup(&env, &["--domain", "st-raw", "--exclude", "vdc"]);

@@ -66,7 +66,11 @@ mod imp {
             r.id,
             r.disks.len(),
             r.checkpoint.as_deref().unwrap_or("none"),
-            if r.quiesced { "quiesced" } else { "crash-consistent" }
+            if r.quiesced {
+                "quiesced"
+            } else {
+                "crash-consistent"
+            }
         );
         done_event(
             "backup",

@@ -247,7 +247,9 @@ pub fn backup_domain(repo: &Repository, opts: &DomainOptions) -> Result<DomainRu
             Err(e) => {
                 let msg = e.to_string();
                 let broken = xml::broken_bitmap_disk(&msg);
-                match broken.and_then(|t| plan.iter_mut().find(|(d, r)| d.target == t && r.is_none())) {
+                match broken
+                    .and_then(|t| plan.iter_mut().find(|(d, r)| d.target == t && r.is_none()))
+                {
                     Some((d, reason)) => {
                         *reason = Some(format!("its bitmap is missing or broken ({msg})"));
                         log::warn!("{}: bitmap unusable, taking it in full", d.target);
@@ -295,7 +297,12 @@ pub fn backup_domain(repo: &Repository, opts: &DomainOptions) -> Result<DomainRu
         run_disks.push(RunDisk {
             target: d.target.clone(),
             disk: disk.to_string(),
-            kind: if c.snapshot.kind == SnapshotKind::Full { "full" } else { "incremental" }.into(),
+            kind: if c.snapshot.kind == SnapshotKind::Full {
+                "full"
+            } else {
+                "incremental"
+            }
+            .into(),
             reason: reason.clone(),
             in_checkpoint: job.checkpoint.is_some() && d.has_bitmaps(),
         });
@@ -343,8 +350,8 @@ pub fn backup_domain(repo: &Repository, opts: &DomainOptions) -> Result<DomainRu
     let mut job = job;
     job.committed = true;
     drop(job); // ends the backup job
-    // The new checkpoint is the one to go on from; strata's older ones are
-    // no longer needed.
+               // The new checkpoint is the one to go on from; strata's older ones are
+               // no longer needed.
     if let Some(cp) = &run.checkpoint {
         for old in v.checkpoints()? {
             if old.starts_with(CHECKPOINT_PREFIX) && &old != cp {
