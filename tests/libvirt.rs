@@ -7,6 +7,8 @@
 //! the tests take turns through a lock; each starts its own daemon and
 //! stops it, with every domain it defined, even when it fails.
 
+#![cfg(feature = "libvirt")]
+
 mod common;
 
 use std::path::{Path, PathBuf};

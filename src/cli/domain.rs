@@ -2,17 +2,16 @@
 //! and `PREFIX@ID` naming every snapshot of a domain run.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
-use serde_json::json;
 
 use strata::model::name::SnapshotRef;
 use strata::store::repo::Repository;
 
-use super::{done_event, open, started_event, Cli};
+use super::Cli;
 
 #[derive(Args)]
 pub struct DomainXmlArgs {
@@ -21,6 +20,7 @@ pub struct DomainXmlArgs {
 }
 
 /// The options of `backup --domain`.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub struct DomainBackup<'a> {
     pub domain: &'a str,
     pub connect: Option<&'a str>,
@@ -35,6 +35,12 @@ pub struct DomainBackup<'a> {
 #[cfg(feature = "libvirt")]
 mod imp {
     use super::*;
+    use std::path::PathBuf;
+
+    use anyhow::Context;
+    use serde_json::json;
+
+    use super::super::{done_event, open, started_event};
     use strata::ingest::libvirt::{self, record, DomainOptions};
 
     pub fn backup(cli: &Cli, a: &DomainBackup) -> Result<ExitCode> {
