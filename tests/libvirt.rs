@@ -548,6 +548,14 @@ fn lost_checkpoint_metadata_is_redefined_and_stays_incremental() {
     assert_eq!(r.kind("st-lost/vda"), "incremental");
     assert_eq!(r.kind("st-lost/vdb"), "incremental");
     assert_run_exact(&env, &dom, &r, &disks);
+    // A snapshot of the last run forgotten: the bitmap no longer fits that
+    // disk's latest snapshot, so it must not be laid over it.
+    let id = r.run.split_once('@').unwrap().1;
+    env.ok(&["forget", &format!("st-lost/vdb@{id}")]);
+    dom.io("vdb", "qcow2", &["write -P 0x33 2M 64k"]);
+    let r = backup(&env, &["--domain", "st-lost"]);
+    assert_eq!(r.kind("st-lost/vdb"), "full");
+    assert_run_exact(&env, &dom, &r, &disks);
 }
 
 #[test]

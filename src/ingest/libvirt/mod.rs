@@ -159,6 +159,10 @@ pub fn backup_domain(repo: &Repository, opts: &DomainOptions) -> Result<DomainRu
                 .or_else(|| Some("first run".into()))
         } else if !in_last.is_some_and(|x| x.in_checkpoint) {
             Some("new disk (not in the last run's checkpoint)".into())
+        } else if !latest_is(repo, &disk, last) {
+            // The bitmap holds the writes since the last run's checkpoint;
+            // laid over any other parent it would make a wrong image.
+            Some("its latest snapshot is not the last run's (forgotten?)".into())
         } else {
             None
         };
@@ -364,6 +368,18 @@ pub fn backup_domain(repo: &Repository, opts: &DomainOptions) -> Result<DomainRu
         snapshots,
         notes,
     })
+}
+
+/// Whether the disk's latest snapshot is the one `run` made.
+fn latest_is(repo: &Repository, disk: &DiskName, run: Option<&Run>) -> bool {
+    let latest = repo.resolve(&crate::model::name::SnapshotRef {
+        disk: disk.clone(),
+        selector: crate::model::name::Selector::Latest,
+    });
+    match (latest, run) {
+        (Ok(s), Some(r)) => s.id.as_str() == r.id && s.checkpoint == r.checkpoint,
+        _ => false,
+    }
 }
 
 /// Make sure libvirt knows checkpoint `cp` of the last run, redefining it
