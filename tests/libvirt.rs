@@ -509,6 +509,18 @@ fn two_disks_full_then_incrementals_restore_exactly() {
     }
     assert_eq!(seen, ["vda", "vdb"]);
 
+    // The mount shows the XML beside the disks' directories.
+    {
+        let m = common::Mounted::new(&env, "mnt");
+        let (prefix, id) = r3.run.split_once('@').unwrap();
+        let shown = std::fs::read_to_string(m.mnt.join(prefix).join(format!("{id}.xml"))).unwrap();
+        assert_eq!(shown, xml);
+        assert_same(
+            &m.image(&format!("st-two/vdb@{id}")),
+            &env.path(&format!("truth-vdb-{id}.raw")),
+        );
+    }
+
     // PREFIX@ID for verify, protect, forget.
     let v: serde_json::Value =
         serde_json::from_str(&env.ok(&["verify", "--json", &r3.run])).unwrap();

@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use strata::model::name::SnapshotRef;
+use strata::serve::mount::ExtraFiles;
 use strata::store::repo::Repository;
 
 use super::Cli;
@@ -42,6 +43,7 @@ mod imp {
 
     use super::super::{done_event, open, started_event};
     use strata::ingest::libvirt::{self, record, DomainOptions};
+    use strata::serve::mount::ExtraFile;
 
     pub fn backup(cli: &Cli, a: &DomainBackup) -> Result<ExitCode> {
         let uri = libvirt::default_uri(a.connect);
@@ -158,6 +160,34 @@ mod imp {
     pub fn by_snapshot(repo: &Repository) -> Result<BTreeMap<(String, String), (String, bool)>> {
         Ok(record::by_snapshot(repo)?)
     }
+
+    pub fn mount_files() -> Option<ExtraFiles> {
+        Some(ExtraFiles(std::sync::Arc::new(
+            |repo: &Repository| match record::all_runs(repo) {
+                Ok(runs) => runs
+                    .into_iter()
+                    .map(|r| ExtraFile {
+                        path: format!("{}/{}.xml", r.prefix, r.id),
+                        time: strata::model::name::SnapshotId::parse(&r.id)
+                            .ok()
+                            .and_then(|id| {
+                                chrono::NaiveDateTime::parse_from_str(
+                                    &id.as_str()[..16],
+                                    "%Y%m%dT%H%M%SZ",
+                                )
+                                .ok()
+                            })
+                            .map_or(std::time::UNIX_EPOCH, |t| t.and_utc().into()),
+                        body: r.domain_xml.into_bytes(),
+                    })
+                    .collect(),
+                Err(e) => {
+                    log::warn!("listing domain runs for the mount: {e}");
+                    Vec::new()
+                }
+            },
+        )))
+    }
 }
 
 #[cfg(not(feature = "libvirt"))]
@@ -181,9 +211,12 @@ mod imp {
     pub fn by_snapshot(_: &Repository) -> Result<BTreeMap<(String, String), (String, bool)>> {
         Ok(BTreeMap::new())
     }
+    pub fn mount_files() -> Option<ExtraFiles> {
+        None
+    }
 }
 
-pub use imp::{backup, by_snapshot, domain_xml, restore};
+pub use imp::{backup, by_snapshot, domain_xml, mount_files, restore};
 
 /// The snapshots `s` names: every disk of a run for `PREFIX@ID`, else the
 /// one `DISK@ID`.

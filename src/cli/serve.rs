@@ -99,6 +99,8 @@ pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<ExitCode> {
 pub fn mount(cli: &Cli, a: &MountArgs) -> Result<ExitCode> {
     let opts = MountOptions {
         allow_other: a.allow_other,
+        // The saved domain XML of each libvirt domain run, PREFIX/ID.xml.
+        extra_files: super::domain::mount_files(),
     };
     let child = std::env::var_os(DAEMON_CHILD_ENV).is_some_and(|v| v == "1");
     if a.foreground || child {

@@ -169,10 +169,9 @@ pub fn runs(repo: &Repository, prefix: &str) -> Result<Vec<Run>> {
     Ok(out)
 }
 
-/// Every existing run, by (disk, id) of each of its snapshots: what
-/// `snapshots --json` reports as `domain` and `quiesced`.
-pub fn by_snapshot(repo: &Repository) -> Result<BTreeMap<(String, String), (String, bool)>> {
-    let mut out = BTreeMap::new();
+/// Every existing run of every prefix.
+pub fn all_runs(repo: &Repository) -> Result<Vec<Run>> {
+    let mut out = Vec::new();
     let Ok(entries) = fs::read_dir(dir(repo)) else {
         return Ok(out);
     };
@@ -180,13 +179,21 @@ pub fn by_snapshot(repo: &Repository) -> Result<BTreeMap<(String, String), (Stri
         let Some(prefix) = e.file_name().to_str().map(String::from) else {
             continue;
         };
-        for run in runs(repo, &prefix)? {
-            for d in &run.disks {
-                out.insert(
-                    (d.disk.clone(), run.id.clone()),
-                    (run.prefix.clone(), run.quiesced),
-                );
-            }
+        out.extend(runs(repo, &prefix)?);
+    }
+    Ok(out)
+}
+
+/// Every existing run, by (disk, id) of each of its snapshots: what
+/// `snapshots --json` reports as `domain` and `quiesced`.
+pub fn by_snapshot(repo: &Repository) -> Result<BTreeMap<(String, String), (String, bool)>> {
+    let mut out = BTreeMap::new();
+    for run in all_runs(repo)? {
+        for d in &run.disks {
+            out.insert(
+                (d.disk.clone(), run.id.clone()),
+                (run.prefix.clone(), run.quiesced),
+            );
         }
     }
     Ok(out)
