@@ -10,8 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -19,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::model::name::{DiskName, Selector, SnapshotId, SnapshotRef};
 use crate::store::crypto::{from_hex, to_hex};
-use crate::store::manifest::fsync_dir;
+use crate::store::durable;
 use crate::store::repo::Repository;
 
 pub const RUN_FORMAT: &str = "strata-domain-run/1";
@@ -72,11 +70,9 @@ fn what(prefix: &str, id: &str) -> String {
     format!("domain-run {prefix}@{id}")
 }
 
-/// Write the record durably (temporary file, fsync, rename, fsync).
+/// Write the record durably (see `store::durable`).
 pub fn save(repo: &Repository, run: &Run) -> Result<()> {
     let path = path(repo, &run.prefix, &run.id);
-    let parent = path.parent().expect("a record path has a parent");
-    fs::create_dir_all(parent).ctx(|| format!("create {}", parent.display()))?;
     let mut body = serde_json::to_vec_pretty(run).expect("a run serializes");
     if let Some(keys) = repo.keys() {
         let sealed = Sealed {
@@ -85,20 +81,7 @@ pub fn save(repo: &Repository, run: &Run) -> Result<()> {
         };
         body = serde_json::to_vec_pretty(&sealed).expect("a sealed run serializes");
     }
-    let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .ctx(|| format!("create {}", tmp.display()))?;
-    f.write_all(&body)
-        .ctx(|| format!("write {}", tmp.display()))?;
-    f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
-    drop(f);
-    fs::rename(&tmp, &path).ctx(|| format!("rename {}", tmp.display()))?;
-    fsync_dir(parent)
+    durable::replace(&path, &body)
 }
 
 /// Remove a record whose run was not committed.
