@@ -730,7 +730,11 @@ fn a_killed_run_commits_nothing_and_the_next_is_fine() {
     let r1 = backup(&env, &["--domain", "st-kill"]);
     dom.io("vdb", "qcow2", &["write -P 0x82 1M 1M"]);
     let before = env.snapshots().len();
-    Paused::start(&env, &["backup", "--domain", "st-kill"], "domain:captured").kill();
+    let paused = Paused::start(&env, &["backup", "--domain", "st-kill"], "domain:captured");
+    // A second run while the first is alive leaves the first's job alone.
+    let err = env.fails(&["backup", "--domain", "st-kill"]);
+    assert!(err.contains("is backing up domain st-kill"), "{err}");
+    paused.kill();
     assert_eq!(env.snapshots().len(), before);
     // The killed run's job and checkpoint are still in libvirt.
     assert_eq!(dom.checkpoints().len(), 2);

@@ -425,15 +425,24 @@ fn delete_checkpoint(v: &Virsh, cp: &str, notes: &mut Vec<String>) {
 }
 
 /// A backup job a killed strata left running would block ours: end it if
-/// it is strata's (its socket is in a strata work directory), and wait
-/// until libvirt has let go of it.
+/// it is strata's (its socket is in a strata work directory) and the
+/// strata that began it is gone, and wait until libvirt has let go of it.
+/// A live strata's job is left alone (the run fails as busy), and so is
+/// anyone else's.
 fn cleanup_stale_job(v: &Virsh) -> Result<()> {
     let Some(x) = v.backup_xml() else {
         return Ok(());
     };
-    if !x.contains(WORK_PREFIX) {
+    let Some(owner) = job_owner(&x) else {
         return Err(Error::invalid(format!(
             "domain {} has a backup job strata did not start; it is left alone: end it first",
+            v.domain
+        )));
+    };
+    // SAFETY: signal 0 only checks whether the process exists.
+    if owner != std::process::id() && unsafe { libc::kill(owner as i32, 0) } == 0 {
+        return Err(Error::Busy(format!(
+            "strata (pid {owner}) is backing up domain {} right now",
             v.domain
         )));
     }
@@ -447,6 +456,17 @@ fn cleanup_stale_job(v: &Virsh) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// The pid of the strata whose work directory holds the socket in a
+/// backup job's XML, if it is strata's.
+fn job_owner(backup_xml: &str) -> Option<u32> {
+    let at = backup_xml.find(WORK_PREFIX)? + WORK_PREFIX.len();
+    let digits: String = backup_xml[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 /// The running backup job: ended on drop; until committed, its new
@@ -531,4 +551,30 @@ fn path_string(p: &Path) -> Result<String> {
     p.to_str()
         .map(String::from)
         .ok_or_else(|| Error::invalid(format!("path {} is not UTF-8", p.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_of_a_job() {
+        let x = "<domainbackup mode='pull'><server transport='unix' socket='/tmp/strata-libvirt-4242-0/nbd.sock'/></domainbackup>";
+        assert_eq!(job_owner(x), Some(4242));
+        assert_eq!(
+            job_owner("<domainbackup><server socket='/run/other.sock'/></domainbackup>"),
+            None
+        );
+    }
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(prefix("web01", None).unwrap(), "web01");
+        assert!(prefix("web 01", None)
+            .unwrap_err()
+            .to_string()
+            .contains("--name"));
+        assert_eq!(prefix("web 01", Some("web01")).unwrap(), "web01");
+        assert!(prefix("x", Some("a/b")).is_err());
+    }
 }
