@@ -4,8 +4,10 @@
 # and 8 incrementals (3% of the 64 KiB clusters rewritten with random data
 # before each), the bytes each keeps, a restore of the newest state, and
 # whether it is byte-exact. Two identical paused TCG domains, one per
-# tool, get the same writes. Starts its own libvirtd on a private socket
-# (like tests/libvirt.rs) and stops it, with the domains, on exit.
+# tool, get the same writes. Starts its own libvirtd and stops it, with
+# the domains, on exit; on the default socket (qemu:///system), because
+# virtnbdbackup asks for a user and password on any qemu+unix:// URI. So
+# no other libvirtd may run meanwhile (nor tests/libvirt.rs).
 #
 #   scripts/bench-libvirt.sh [GIB] [WORKDIR]     (as root; default 1 GiB)
 set -euo pipefail
@@ -28,10 +30,10 @@ cgroup_controllers = [ ]
 namespaces = [ ]
 stdio_handler = "file"
 EOF
-printf 'unix_sock_dir = "%s"\nauth_unix_rw = "none"\nauth_unix_ro = "none"\n' "$W/run" >"$W/libvirtd.conf"
+printf 'auth_unix_rw = "none"\nauth_unix_ro = "none"\n' >"$W/libvirtd.conf"
 libvirtd --config "$W/libvirtd.conf" --pid-file "$W/libvirtd.pid" >"$W/libvirtd.log" 2>&1 &
 LV=$!
-export LIBVIRT_DEFAULT_URI="qemu+unix:///system?socket=$W/run/libvirt-sock"
+export LIBVIRT_DEFAULT_URI=qemu:///system
 cleanup() {
     for d in bench-strata bench-vnb; do
         virsh -q destroy "$d" >/dev/null 2>&1 || true
