@@ -731,10 +731,12 @@ fn a_killed_run_commits_nothing_and_the_next_is_fine() {
     dom.io("vdb", "qcow2", &["write -P 0x82 1M 1M"]);
     let before = env.snapshots().len();
     let paused = Paused::start(&env, &["backup", "--domain", "st-kill"], "domain:captured");
+    let killed = paused.child.id();
     // A second run while the first is alive leaves the first's job alone.
     let err = env.fails(&["backup", "--domain", "st-kill"]);
     assert!(err.contains("is backing up domain st-kill"), "{err}");
     paused.kill();
+    assert_eq!(work_dirs_of(killed), 1);
     assert_eq!(env.snapshots().len(), before);
     // The killed run's job and checkpoint are still in libvirt.
     assert_eq!(dom.checkpoints().len(), 2);
@@ -744,6 +746,8 @@ fn a_killed_run_commits_nothing_and_the_next_is_fine() {
     assert_eq!(r.kind("st-kill/vdb"), "incremental");
     assert_run_exact(&env, &dom, &r, &disks);
     assert_eq!(dom.checkpoints().len(), 1);
+    // The killed run's work directory went with its job.
+    assert_eq!(work_dirs_of(killed), 0);
     // Killed while committing, after the manifests but before the rows.
     dom.io("vdb", "qcow2", &["write -P 0x84 5M 64k"]);
     Paused::start(
@@ -757,6 +761,19 @@ fn a_killed_run_commits_nothing_and_the_next_is_fine() {
     assert_eq!(r.kind("st-kill/vdb"), "incremental");
     assert_run_exact(&env, &dom, &r, &disks);
     assert!(env.ok(&["domain-xml", &r1.run]).contains("st-kill"));
+}
+
+/// How many strata work directories of process `pid` there are.
+fn work_dirs_of(pid: u32) -> usize {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("strata-libvirt-{pid}-"))
+        })
+        .count()
 }
 
 #[test]

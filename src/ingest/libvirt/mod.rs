@@ -525,6 +525,7 @@ struct WorkDir {
 impl WorkDir {
     fn new() -> Result<Self> {
         let base = std::env::temp_dir();
+        Self::remove_stale(&base);
         for n in 0..1000u32 {
             let path = base.join(format!("{WORK_PREFIX}{}-{n}", std::process::id()));
             match std::fs::create_dir(&path) {
@@ -534,6 +535,33 @@ impl WorkDir {
             }
         }
         Err(Error::invalid("no free work directory name"))
+    }
+}
+
+impl WorkDir {
+    /// Work directories of killed runs (their strata is gone): libvirt
+    /// ended their jobs, what is left are the directory and scratch files.
+    fn remove_stale(base: &Path) {
+        let Ok(entries) = std::fs::read_dir(base) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(WORK_PREFIX))
+                .and_then(|n| n.split('-').next())
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: signal 0 only checks whether the process exists.
+            let gone = unsafe { libc::kill(pid, 0) } != 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+            if gone {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 }
 
