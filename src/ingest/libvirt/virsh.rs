@@ -24,6 +24,8 @@ impl Virsh {
     /// libvirt's message.
     pub fn run(&self, args: &[&str]) -> Result<String> {
         let out = Command::new("virsh")
+            // strata parses some of virsh's output (domstate): untranslated.
+            .env("LC_ALL", "C")
             .arg("-q")
             .arg("-c")
             .arg(&self.uri)
