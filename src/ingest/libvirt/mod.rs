@@ -117,12 +117,28 @@ pub fn backup_domain(repo: &Repository, opts: &DomainOptions) -> Result<DomainRu
     let live_xml = v.xml(false)?;
     let domain_xml = v.xml(true).unwrap_or_else(|_| live_xml.clone());
     let all = xml::disks(&live_xml)?;
+    for t in &opts.exclude {
+        if !all.iter().any(|d| &d.target == t) {
+            return Err(Error::invalid(format!(
+                "--exclude {t}: domain {} has no disk with that target",
+                opts.domain
+            )));
+        }
+    }
 
     cleanup_stale_job(&v)?;
     let runs = record::runs(repo, &prefix)?;
     let last = runs.last();
     let since = match last.and_then(|r| r.checkpoint.clone().map(|c| (r, c))) {
-        Some((run, cp)) if !opts.full => Some(ensure_checkpoint(&v, run, &cp, &mut notes)?),
+        Some((run, cp)) if !opts.full => match ensure_checkpoint(&v, run, &cp, &mut notes) {
+            Ok(cp) => Some(cp),
+            // Without the checkpoint there is nothing to be incremental
+            // from; full snapshots are always right.
+            Err(e) => {
+                notes.push(format!("{e}: taking full snapshots"));
+                None
+            }
+        },
         _ => None,
     };
     // Checkpoints strata made that no committed run ended (a killed run's):
@@ -167,14 +183,6 @@ pub fn backup_domain(repo: &Repository, opts: &DomainOptions) -> Result<DomainRu
             None
         };
         plan.push((d.clone(), reason));
-    }
-    for t in &opts.exclude {
-        if !all.iter().any(|d| &d.target == t) {
-            return Err(Error::invalid(format!(
-                "--exclude {t}: domain {} has no disk with that target",
-                opts.domain
-            )));
-        }
     }
     if plan.is_empty() {
         return Err(Error::invalid(format!(
