@@ -399,13 +399,15 @@ impl Repository {
             return Err(Error::invalid("snapshots of one group must share one time"));
         }
         self.sync()?;
-        let mut images = Vec::with_capacity(news.len());
-        for new in &news {
-            images.push(self.resolve_image(&new.disk, new.parent.as_ref(), &new.own)?);
-        }
         let manifests = self.manifests_dir();
         let mut cat = self.catalog();
         cat.write(|w| {
+            // As in `commit`: inside the transaction, each disk's keyframe
+            // decision sees the chain its row joins.
+            let mut images = Vec::with_capacity(news.len());
+            for new in &news {
+                images.push(keyframe_image(w, &new.disk, new.parent.as_ref(), &new.own)?);
+            }
             let mut seq = 1;
             for new in &news {
                 seq = seq.max(w.next_seq(&new.disk)?);
@@ -441,11 +443,11 @@ impl Repository {
                 infos.push(info);
             }
             crate::testhook::pause("commit-group:manifests-written");
-            for (info, (new, image)) in infos.iter().zip(news.iter().zip(&images)) {
+            for (info, (new, image)) in infos.iter().zip(news.iter().zip(images)) {
                 w.insert(&SnapshotRecord {
                     info: info.clone(),
                     own: new.own.clone(),
-                    image: image.clone(),
+                    image,
                 })?;
             }
             Ok(infos)
