@@ -2,20 +2,46 @@
 # Install what strata's demo and tests need and a fresh machine may lack:
 # qemu-utils (qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon), libnbd-bin
 # (nbdinfo), nbdkit (NBD servers that fail on purpose), fuse3 and man-db
-# (the man page test renders with man -l). systemd-analyze, which checks the
-# units in contrib/systemd, comes with systemd itself and is not installed
-# here (too much for a test machine); its test is skipped where it is
-# missing. Uses apt-get; needs root. Does nothing when all are there.
+# (the man page test renders with man -l), and for `backup --domain`
+# libvirt 11 with QEMU 10 (qemu-system-x86, libvirtd, virsh) from Debian's
+# bookworm-backports: bookworm's own QEMU 7.2 / libvirt 9 lack what the
+# tests use, and qemu-utils must stay at the backports version.
+# systemd-analyze, which checks the units in contrib/systemd, comes with
+# systemd itself and is not installed here (too much for a test machine);
+# its test is skipped where it is missing. Uses apt-get; needs root. Does
+# nothing when all are there.
 set -euo pipefail
 need=()
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v man >/dev/null || need+=(man-db)
-command -v qemu-img >/dev/null || need+=(qemu-utils)
-command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
-if [ ${#need[@]} -gt 0 ]; then
+bpo=()
+command -v qemu-img >/dev/null || bpo+=(qemu-utils)
+command -v qemu-storage-daemon >/dev/null || bpo+=(qemu-utils)
+command -v qemu-system-x86_64 >/dev/null || bpo+=(qemu-system-x86)
+command -v libvirtd >/dev/null || bpo+=(libvirt-daemon libvirt-daemon-driver-qemu)
+command -v virsh >/dev/null || bpo+=(libvirt-clients)
+src=/etc/apt/sources.list.d/backports.sources
+if [ ${#bpo[@]} -gt 0 ] && [ ! -e "$src" ]; then
+    cat >"$src" <<'SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+fi
+if [ ${#need[@]} -gt 0 ] || [ ${#bpo[@]} -gt 0 ]; then
     apt-get update -qq
+fi
+export DEBIAN_FRONTEND=noninteractive
+if [ ${#bpo[@]} -gt 0 ]; then
+    # -t bookworm-backports: QEMU and libvirt, and everything of theirs
+    # (qemu-utils above all), from backports, never bookworm's 7.2.
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports "${bpo[@]}" >/dev/null
+fi
+if [ ${#need[@]} -gt 0 ]; then
     # --no-install-recommends: nothing that could pull in another QEMU.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi

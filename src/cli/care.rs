@@ -10,7 +10,7 @@ use serde_json::json;
 use strata::care::prune::{self as retention, Policy, PruneReport};
 use strata::care::verify::{self as check, Report as VerifyReport, Subset, VerifyOptions};
 use strata::care::{forget as removal, gc as collect, repair as fix};
-use strata::model::name::{DiskName, SnapshotRef};
+use strata::model::name::DiskName;
 use strata::model::snapshot::SnapshotInfo;
 use strata::store::lock::MaintenanceLock;
 use strata::store::partial;
@@ -119,10 +119,15 @@ pub fn init(cli: &Cli, a: &InitArgs) -> Result<ExitCode> {
 }
 
 /// Resolve every reference first, so that a typo changes nothing.
+/// `PREFIX@ID` of a domain run stands for all its snapshots.
 fn resolve_all(repo: &Repository, refs: &[String]) -> Result<Vec<SnapshotInfo>> {
-    refs.iter()
-        .map(|r| Ok(repo.resolve(&SnapshotRef::parse(r)?)?))
-        .collect()
+    let mut out = Vec::new();
+    for r in refs {
+        for one in super::domain::refs(repo, r)? {
+            out.push(repo.resolve(&one)?);
+        }
+    }
+    Ok(out)
 }
 
 pub fn verify(cli: &Cli, a: &VerifyArgs) -> Result<ExitCode> {
@@ -253,13 +258,15 @@ fn print_prune_report(report: &PruneReport, dry_run: bool) {
 pub fn protect(cli: &Cli, a: &ProtectArgs, protect: bool) -> Result<ExitCode> {
     let repo = open(cli)?;
     let _lock = MaintenanceLock::acquire(repo.root(), "protect")?;
-    let info = repo.resolve(&SnapshotRef::parse(&a.snapshot)?)?;
-    removal::set_protected(&repo, &info, protect)?;
-    println!(
-        "{} {}",
-        if protect { "protected" } else { "unprotected" },
-        info.reference()
-    );
+    let infos = resolve_all(&repo, std::slice::from_ref(&a.snapshot))?;
+    for info in infos {
+        removal::set_protected(&repo, &info, protect)?;
+        println!(
+            "{} {}",
+            if protect { "protected" } else { "unprotected" },
+            info.reference()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -22,11 +22,33 @@ use super::{done_event, open, started_event, Cli};
 #[derive(Args)]
 pub struct BackupArgs {
     /// Disk name, e.g. vm1/vda.
-    #[arg(long)]
-    disk: String,
+    #[arg(long, required_unless_present = "domain", conflicts_with = "domain")]
+    disk: Option<String>,
     /// Raw image file, block device, or NBD URI (nbd://host[:port]/export,
     /// nbd+unix:///export?socket=PATH).
-    source: String,
+    #[arg(required_unless_present = "domain", conflicts_with = "domain")]
+    source: Option<String>,
+    /// Back up every disk of this libvirt domain at one checkpoint, as
+    /// disks PREFIX/TARGET (e.g. web01/vda) sharing one snapshot id.
+    #[arg(long, conflicts_with_all = ["changes", "bitmap", "parent", "differential", "checkpoint", "time"])]
+    domain: Option<String>,
+    /// With --domain: libvirt connection URI (default: LIBVIRT_DEFAULT_URI,
+    /// else qemu:///system).
+    #[arg(long, requires = "domain")]
+    connect: Option<String>,
+    /// With --domain: the disk name prefix (default: the domain name).
+    #[arg(long, requires = "domain")]
+    name: Option<String>,
+    /// With --domain: disk targets not to back up (comma-separated).
+    #[arg(long, requires = "domain", value_delimiter = ',')]
+    exclude: Vec<String>,
+    /// With --domain: full snapshots of every disk, not incrementals.
+    #[arg(long, requires = "domain")]
+    full: bool,
+    /// With --domain: freeze the guest's file systems through the guest
+    /// agent for the checkpoint (without an answering agent: crash-consistent).
+    #[arg(long, requires = "domain")]
+    quiesce: bool,
     /// Take an incremental holding only the ranges listed in this JSON file.
     #[arg(long, conflicts_with = "bitmap")]
     changes: Option<PathBuf>,
@@ -96,9 +118,28 @@ pub struct ReceiveArgs {
 }
 
 pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<ExitCode> {
-    started_event("backup", json!({"disk": a.disk, "source": a.source}));
+    if let Some(domain) = &a.domain {
+        return super::domain::backup(
+            cli,
+            &super::domain::DomainBackup {
+                domain,
+                connect: a.connect.as_deref(),
+                name: a.name.as_deref(),
+                exclude: &a.exclude,
+                full: a.full,
+                quiesce: a.quiesce,
+                label: &a.label,
+                check_unchanged: a.check_unchanged,
+            },
+        );
+    }
+    // clap requires both without --domain.
+    let (Some(disk), Some(source)) = (&a.disk, &a.source) else {
+        bail!("--disk and SOURCE are required without --domain");
+    };
+    started_event("backup", json!({"disk": disk, "source": source}));
     let repo = open(cli)?;
-    let disk = DiskName::parse(&a.disk)?;
+    let disk = DiskName::parse(disk)?;
     let changes = a.changes.as_deref().map(changes::parse_file).transpose()?;
     let mut opts = BackupOptions {
         disk: Some(disk),
@@ -111,8 +152,8 @@ pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<ExitCode> {
         time: a.time.as_deref().map(parse_time).transpose()?,
         check_unchanged: a.check_unchanged,
     };
-    let info = if NbdUri::is_nbd(&a.source) {
-        let source = NbdSource::connect(&NbdUri::parse(&a.source)?, a.bitmap.as_deref())?;
+    let info = if NbdUri::is_nbd(source) {
+        let source = NbdSource::connect(&NbdUri::parse(source)?, a.bitmap.as_deref())?;
         if let Some(bitmap) = &a.bitmap {
             if source.has_bitmap(bitmap) {
                 opts.changes = Some(source.dirty(bitmap)?);
@@ -132,7 +173,7 @@ pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<ExitCode> {
         if a.bitmap.is_some() {
             bail!("--bitmap needs an NBD source (nbd://… or nbd+unix://…)");
         }
-        let source = FileSource::open(Path::new(&a.source))?;
+        let source = FileSource::open(Path::new(source))?;
         backup::backup(&repo, &source, &opts)?
     };
     println!("{}", info.summary());

@@ -47,7 +47,19 @@ pub fn snapshots(cli: &Cli, a: &SnapshotsArgs) -> Result<ExitCode> {
     let disk = a.disk.as_deref().map(DiskName::parse).transpose()?;
     let snaps = repo.snapshots(disk.as_ref())?;
     if a.json {
-        let v: Vec<_> = snaps.iter().map(|s| s.to_json()).collect();
+        let runs = super::domain::by_snapshot(&repo)?;
+        let v: Vec<_> = snaps
+            .iter()
+            .map(|s| {
+                let mut j = s.to_json();
+                let run = runs.get(&(s.disk.to_string(), s.id.to_string()));
+                if let Some(o) = j.as_object_mut() {
+                    o.insert("domain".into(), run.map(|r| r.0.clone()).into());
+                    o.insert("quiesced".into(), run.map(|r| r.1).into());
+                }
+                j
+            })
+            .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_snapshot_table(&snaps);

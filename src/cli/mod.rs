@@ -6,6 +6,7 @@
 mod care;
 mod copy;
 mod docs;
+mod domain;
 mod ingest;
 mod inspect;
 mod notify;
@@ -66,7 +67,8 @@ enum ProgressArg {
 enum Command {
     /// Create an empty repository.
     Init(care::InitArgs),
-    /// Take a snapshot of a raw image, block device or NBD export.
+    /// Take a snapshot of a raw image, block device or NBD export, or of
+    /// every disk of a libvirt domain (--domain).
     Backup(ingest::BackupArgs),
     /// Serve an NBD export that QEMU pushes a backup into (blockdev-backup);
     /// commit it as a snapshot when the client disconnects cleanly.
@@ -100,6 +102,8 @@ enum Command {
     Repair(care::RepairArgs),
     /// Manage the passphrases of an encrypted repository.
     Key(secret::KeyArgs),
+    /// Print the libvirt domain XML saved with a domain run (PREFIX@ID).
+    DomainXml(domain::DomainXmlArgs),
     /// Copy snapshots to another repository, sending only missing data.
     Copy(copy::CopyArgs),
     /// Print a shell completion script (bash, zsh or fish) on stdout.
@@ -217,6 +221,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Repair(a) => care::repair(cli, a),
         Command::Key(a) => secret::key(cli, a),
         Command::Copy(a) => copy::copy(cli, a),
+        Command::DomainXml(a) => domain::domain_xml(cli, a),
         Command::Completions(a) => docs::completions(a),
         Command::Man(a) => docs::man(a),
     }

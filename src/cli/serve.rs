@@ -14,10 +14,16 @@ use super::{done_event, open, repo_path, started_event, Cli};
 
 #[derive(Args)]
 pub struct RestoreArgs {
-    /// DISK@ID or DISK@latest.
+    /// DISK@ID or DISK@latest (with --domain: PREFIX@ID of a domain run).
     snapshot: String,
-    /// File (written sparse; an existing one is replaced) or block device.
+    /// File (written sparse; an existing one is replaced) or block device;
+    /// with --domain, a directory.
     target: PathBuf,
+    /// Restore every disk of a domain run into the directory TARGET, as
+    /// TARGET/DEV.raw, and write TARGET/PREFIX.xml, the domain XML with
+    /// its disks pointing at those files.
+    #[arg(long)]
+    domain: bool,
 }
 
 #[derive(Args)]
@@ -48,6 +54,9 @@ pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<ExitCode> {
         "restore",
         json!({"snapshot": a.snapshot, "target": a.target}),
     );
+    if a.domain {
+        return super::domain::restore(cli, &a.snapshot, &a.target);
+    }
     let repo = open(cli)?;
     let info = repo.resolve(&SnapshotRef::parse(&a.snapshot)?)?;
     let restored = strata::serve::restore::restore(&repo, &info, &a.target)
@@ -90,6 +99,8 @@ pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<ExitCode> {
 pub fn mount(cli: &Cli, a: &MountArgs) -> Result<ExitCode> {
     let opts = MountOptions {
         allow_other: a.allow_other,
+        // The saved domain XML of each libvirt domain run, PREFIX/ID.xml.
+        extra_files: super::domain::mount_files(),
     };
     let child = std::env::var_os(DAEMON_CHILD_ENV).is_some_and(|v| v == "1");
     if a.foreground || child {

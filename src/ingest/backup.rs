@@ -64,6 +64,45 @@ pub fn backup_with(
     opts: &BackupOptions,
     pre: Prechunked,
 ) -> Result<SnapshotInfo> {
+    let captured = capture_snapshot(repo, source, opts, pre)?;
+    let read = captured.read_bytes;
+    let info = repo.commit(captured.snapshot)?;
+    log::info!(
+        "committed {} ({} bytes read, {} bytes stored)",
+        info.reference(),
+        read,
+        info.stored_bytes
+    );
+    Ok(info)
+}
+
+/// A snapshot whose data is stored but which does not exist yet: commit
+/// it ([`Repository::commit`], or several at once with
+/// [`Repository::commit_group`]) or drop it. Until then its registration
+/// keeps gc from deleting the chunks it wrote.
+pub struct CapturedSnapshot {
+    pub snapshot: NewSnapshot,
+    /// Data bytes read from the source.
+    pub read_bytes: u64,
+    _registration: Registration,
+}
+
+impl CapturedSnapshot {
+    /// The snapshot to commit and the registration to hold until then.
+    pub fn into_parts(self) -> (NewSnapshot, Registration) {
+        (self.snapshot, self._registration)
+    }
+}
+
+/// Everything [`backup_with`] does but the commit: callers that must
+/// commit several snapshots together (all disks of one VM) capture each
+/// first.
+pub fn capture_snapshot(
+    repo: &Repository,
+    source: &dyn Source,
+    opts: &BackupOptions,
+    pre: Prechunked,
+) -> Result<CapturedSnapshot> {
     let disk = opts
         .disk
         .clone()
@@ -74,8 +113,7 @@ pub fn backup_with(
             opts.check_unchanged
         )));
     }
-    let _registration =
-        Registration::new(repo.root(), Activity::Backup, &format!("backup {disk}"))?;
+    let registration = Registration::new(repo.root(), Activity::Backup, &format!("backup {disk}"))?;
     let size = source.size();
     let (kind, parent, plan) = match &opts.changes {
         None => {
@@ -152,25 +190,22 @@ pub fn backup_with(
     segments.extend(pre.segments);
     crate::testhook::pause("backup:captured");
     let own = ImageMap::new(size, segments);
-    let info = repo.commit(NewSnapshot {
-        disk,
-        kind,
-        parent: parent.map(|p| p.id),
-        time: opts.time.unwrap_or_else(Utc::now),
-        granularity: GRANULARITY,
-        label: opts.label.clone(),
-        checkpoint: opts.checkpoint.clone(),
-        bitmap: opts.bitmap.clone(),
-        stored_bytes: captured.stored_bytes + pre.stored_bytes,
-        own,
-    })?;
-    log::info!(
-        "committed {} ({} bytes read, {} bytes stored)",
-        info.reference(),
-        total,
-        info.stored_bytes
-    );
-    Ok(info)
+    Ok(CapturedSnapshot {
+        snapshot: NewSnapshot {
+            disk,
+            kind,
+            parent: parent.map(|p| p.id),
+            time: opts.time.unwrap_or_else(Utc::now),
+            granularity: GRANULARITY,
+            label: opts.label.clone(),
+            checkpoint: opts.checkpoint.clone(),
+            bitmap: opts.bitmap.clone(),
+            stored_bytes: captured.stored_bytes + pre.stored_bytes,
+            own,
+        },
+        read_bytes: total,
+        _registration: registration,
+    })
 }
 
 /// The change list to back up: `changes` plus the parent's damaged ranges,

@@ -3,5 +3,7 @@
 
 pub mod backup;
 pub mod changes;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod nbd;
 pub mod source;

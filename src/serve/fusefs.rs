@@ -1,5 +1,6 @@
 //! The read-only FUSE file system: every snapshot as `<disk>/<id>.raw`, its
-//! own extent JSON as `<disk>/<id>.json`, and `<disk>/latest.raw`.
+//! own extent JSON as `<disk>/<id>.json`, and `<disk>/latest.raw`; plus
+//! whatever extra files the caller lists (`MountOptions::extra_files`).
 //!
 //! The tree is rebuilt from the catalog whenever SQLite's `data_version`
 //! says another process committed, so new snapshots appear without a
@@ -28,6 +29,7 @@ use crate::model::chunk_id::ChunkId;
 use crate::model::extent::ByteRange;
 use crate::model::image_map::{ImageMap, Piece};
 use crate::model::snapshot::SnapshotInfo;
+use crate::serve::mount::{ExtraFile, ExtraFiles};
 use crate::store::image::{self, ChunkCache};
 use crate::store::pins::PinDir;
 use crate::store::repo::Repository;
@@ -54,6 +56,7 @@ enum Entry {
     Image(Arc<SnapFile>),
     Json(Arc<SnapFile>),
     Link(String),
+    Extra(Arc<ExtraFile>),
 }
 
 #[derive(Default)]
@@ -106,10 +109,11 @@ pub struct ImageFs {
     uid: u32,
     gid: u32,
     mounted_at: SystemTime,
+    extra: Option<ExtraFiles>,
 }
 
 impl ImageFs {
-    pub fn new(repo: Arc<Repository>, pins: PinDir) -> Result<Self> {
+    pub fn new(repo: Arc<Repository>, pins: PinDir, extra: Option<ExtraFiles>) -> Result<Self> {
         let cache = Arc::new(ChunkCache::new(CACHE_BYTES));
         let (tx, rx) = sync_channel::<ChunkId>(256);
         let rx = Arc::new(Mutex::new(rx));
@@ -134,6 +138,7 @@ impl ImageFs {
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
             mounted_at: SystemTime::now(),
+            extra,
         };
         fs.refresh()?;
         Ok(fs)
@@ -182,6 +187,17 @@ impl ImageFs {
             children.insert(format!("{}.raw", info.id), raw);
             children.insert(format!("{}.json", info.id), json);
             children.insert("latest.raw".to_string(), link);
+        }
+        if let Some(extra) = &self.extra {
+            for file in (extra.0)(&self.repo) {
+                let Some((dir, name)) = file.path.rsplit_once('/') else {
+                    continue;
+                };
+                let (dir, name) = (tree.disk_dir(dir), name.to_string());
+                let ino = tree.ino(format!("x:{}", file.path));
+                tree.entries.insert(ino, Entry::Extra(Arc::new(file)));
+                tree.children.entry(dir).or_default().insert(name, ino);
+            }
         }
         tree.version = Some(version);
         Ok(())
@@ -274,6 +290,10 @@ impl ImageFs {
                     f.info.time.into(),
                 )
             }
+            Entry::Extra(f) => {
+                let len = f.body.len() as u64;
+                (FileType::RegularFile, 0o444, len, len.div_ceil(512), f.time)
+            }
             Entry::Link(target) => {
                 let len = target.len() as u64;
                 (FileType::Symlink, 0o777, len, 0, self.mounted_at)
@@ -300,7 +320,7 @@ impl ImageFs {
 
     fn ttl(entry: &Entry) -> Duration {
         match entry {
-            Entry::Image(_) | Entry::Json(_) => FILE_TTL,
+            Entry::Image(_) | Entry::Json(_) | Entry::Extra(_) => FILE_TTL,
             Entry::Dir | Entry::Link(_) => DIR_TTL,
         }
     }
@@ -422,7 +442,9 @@ impl Filesystem for ImageFs {
                 Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
                 Err(e) => reply.error(e),
             },
-            Some(Entry::Json(_)) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Some(Entry::Json(_) | Entry::Extra(_)) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Some(Entry::Dir) => reply.error(Errno::EISDIR),
             Some(Entry::Link(_)) => reply.error(Errno::ELOOP),
             None => reply.error(Errno::ENOENT),
@@ -469,6 +491,11 @@ impl Filesystem for ImageFs {
                 }
                 Err(e) => reply.error(errno_of(&e)),
             },
+            Some(Entry::Extra(f)) => {
+                let start = (offset as usize).min(f.body.len());
+                let end = (start + size as usize).min(f.body.len());
+                reply.data(&f.body[start..end]);
+            }
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
         }

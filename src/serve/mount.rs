@@ -21,6 +21,28 @@ use crate::store::repo::Repository;
 pub struct MountOptions {
     /// Let other users read the images (FUSE `allow_other`).
     pub allow_other: bool,
+    /// More read-only files to show beside the images.
+    pub extra_files: Option<ExtraFiles>,
+}
+
+/// A read-only file the mount shows besides the images, at `path`
+/// (relative to the mount point, e.g. `vm1/ID.xml`).
+pub struct ExtraFile {
+    pub path: String,
+    pub body: Vec<u8>,
+    pub time: std::time::SystemTime,
+}
+
+/// Lists the extra files; called again whenever the catalog changed, so
+/// what it lists must only change when the catalog does.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct ExtraFiles(pub Arc<dyn Fn(&Repository) -> Vec<ExtraFile> + Send + Sync>);
+
+impl std::fmt::Debug for ExtraFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraFiles")
+    }
 }
 
 /// Check that `mnt` is a directory we can mount on: not a live mount, and
@@ -70,7 +92,7 @@ pub fn serve(
     // inherits the mask and only the signal thread below receives them.
     let signals = block_signals()?;
     let pins = PinDir::create(repo.root(), &registration.holder)?;
-    let fs = ImageFs::new(Arc::new(repo), pins)?;
+    let fs = ImageFs::new(Arc::new(repo), pins, opts.extra_files.clone())?;
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,

@@ -380,6 +380,80 @@ impl Repository {
 
     /// Make a snapshot visible. Its chunks are flushed first, then its
     /// manifest is written durably, and only then the catalog row appears.
+    /// Commit several snapshots (of different disks) as one group: they
+    /// share one id and appear together, in one catalog transaction, or
+    /// not at all. `before_rows` runs inside that transaction once the id
+    /// is chosen and before any row is inserted (callers write what
+    /// describes the group there; if it fails, nothing is committed).
+    /// The id's sequence number is the next free one on every disk.
+    pub fn commit_group(
+        &self,
+        news: Vec<NewSnapshot>,
+        before_rows: &dyn Fn(&SnapshotId) -> Result<()>,
+    ) -> Result<Vec<SnapshotInfo>> {
+        let Some(first) = news.first() else {
+            return Err(Error::invalid("an empty group of snapshots"));
+        };
+        let time = first.time;
+        if news.iter().any(|n| n.time != time) {
+            return Err(Error::invalid("snapshots of one group must share one time"));
+        }
+        self.sync()?;
+        let manifests = self.manifests_dir();
+        let mut cat = self.catalog();
+        cat.write(|w| {
+            // As in `commit`: inside the transaction, each disk's keyframe
+            // decision sees the chain its row joins.
+            let mut images = Vec::with_capacity(news.len());
+            for new in &news {
+                images.push(keyframe_image(w, &new.disk, new.parent.as_ref(), &new.own)?);
+            }
+            let mut seq = 1;
+            for new in &news {
+                seq = seq.max(w.next_seq(&new.disk)?);
+            }
+            let id = SnapshotId::new(time, seq);
+            before_rows(&id)?;
+            let mut infos = Vec::with_capacity(news.len());
+            for new in &news {
+                let info = SnapshotInfo {
+                    disk: new.disk.clone(),
+                    id: id.clone(),
+                    time,
+                    kind: new.kind,
+                    parent: new.parent.clone(),
+                    size: new.own.size,
+                    granularity: new.granularity,
+                    label: new.label.clone(),
+                    checkpoint: new.checkpoint.clone(),
+                    bitmap: new.bitmap.clone(),
+                    protected: false,
+                    stored_bytes: new.stored_bytes,
+                };
+                // A manifest without its row is what a crash here leaves:
+                // invisible, and `repair --rebuild-catalog` would bring
+                // back only the disks whose manifests were written.
+                manifest::write(
+                    &manifests,
+                    &Manifest::new(&info, &new.own),
+                    &info.disk,
+                    &info.id,
+                    self.keys(),
+                )?;
+                infos.push(info);
+            }
+            crate::testhook::pause("commit-group:manifests-written");
+            for (info, (new, image)) in infos.iter().zip(news.iter().zip(images)) {
+                w.insert(&SnapshotRecord {
+                    info: info.clone(),
+                    own: new.own.clone(),
+                    image,
+                })?;
+            }
+            Ok(infos)
+        })
+    }
+
     pub fn commit(&self, new: NewSnapshot) -> Result<SnapshotInfo> {
         self.sync()?;
         log::debug!("synced");
