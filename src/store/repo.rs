@@ -105,6 +105,26 @@ pub struct NewSnapshot {
     pub own: ImageMap,
 }
 
+impl NewSnapshot {
+    /// The snapshot as it is committed under `id` at `time`.
+    fn info(&self, id: SnapshotId, time: DateTime<Utc>) -> SnapshotInfo {
+        SnapshotInfo {
+            disk: self.disk.clone(),
+            id,
+            time,
+            kind: self.kind,
+            parent: self.parent.clone(),
+            size: self.own.size,
+            granularity: self.granularity,
+            label: self.label.clone(),
+            checkpoint: self.checkpoint.clone(),
+            bitmap: self.bitmap.clone(),
+            protected: false,
+            stored_bytes: self.stored_bytes,
+        }
+    }
+}
+
 /// The repository's `config.json`, checked.
 pub fn read_config(root: &Path) -> Result<Config> {
     let cfg_path = root.join("config.json");
@@ -416,20 +436,7 @@ impl Repository {
             before_rows(&id)?;
             let mut infos = Vec::with_capacity(news.len());
             for new in &news {
-                let info = SnapshotInfo {
-                    disk: new.disk.clone(),
-                    id: id.clone(),
-                    time,
-                    kind: new.kind,
-                    parent: new.parent.clone(),
-                    size: new.own.size,
-                    granularity: new.granularity,
-                    label: new.label.clone(),
-                    checkpoint: new.checkpoint.clone(),
-                    bitmap: new.bitmap.clone(),
-                    protected: false,
-                    stored_bytes: new.stored_bytes,
-                };
+                let info = new.info(id.clone(), time);
                 // A manifest without its row is what a crash here leaves:
                 // invisible, and `repair --rebuild-catalog` would bring
                 // back only the disks whose manifests were written.
@@ -465,20 +472,7 @@ impl Repository {
             let image = keyframe_image(w, &new.disk, new.parent.as_ref(), &new.own)?;
             log::debug!("keyframe: {}", image.is_some());
             let seq = w.next_seq(&new.disk)?;
-            let info = SnapshotInfo {
-                disk: new.disk.clone(),
-                id: SnapshotId::new(new.time, seq),
-                time: new.time,
-                kind: new.kind,
-                parent: new.parent.clone(),
-                size: new.own.size,
-                granularity: new.granularity,
-                label: new.label.clone(),
-                checkpoint: new.checkpoint.clone(),
-                bitmap: new.bitmap.clone(),
-                protected: false,
-                stored_bytes: new.stored_bytes,
-            };
+            let info = new.info(SnapshotId::new(new.time, seq), new.time);
             manifest::write(
                 &manifests,
                 &Manifest::new(&info, &new.own),
