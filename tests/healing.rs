@@ -426,7 +426,7 @@ fn nbd_source_read_errors() {
             "error-pread-rate=100%",
         ],
     );
-    let _stop = KillOnDrop(pidfile.clone());
+    let _stop = KillPidFile(pidfile.clone());
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let err = env.fails(&["backup", "--disk", "e", &uri]);
     assert!(err.contains("at offset") && err.contains("EIO"), "{err}");
@@ -435,22 +435,6 @@ fn nbd_source_read_errors() {
     gc_settled(&env);
     assert_eq!(chunk_files(&env.repo), chunks_before);
     env.assert_restores(&good, &disk);
-}
-
-/// Kills the process whose pid a file holds.
-struct KillOnDrop(PathBuf);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(&self.0)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-        {
-            // SAFETY: kill(2) with a pid and a signal number.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            wait_exit(pid);
-        }
-    }
 }
 
 /// forget, gc and prune while an image is open in the mount: the open image

@@ -5,29 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use serde_json::Value;
 
 const GIB: u64 = 1 << 30;
 const CLUSTER: u64 = 65536;
-
-/// Kills the nbdkit whose pid a file holds.
-struct Nbdkit(PathBuf);
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(&self.0)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-        {
-            // SAFETY: kill(2) with a pid and a signal number.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            wait_exit(pid);
-        }
-    }
-}
 
 /// `(own_map bytes, image_map bytes)` of every row, oldest first.
 fn rows(repo: &Path) -> Vec<(String, usize, usize)> {
@@ -68,7 +52,7 @@ fn metadata_grows_with_changes_not_disk_size() {
             "seed=7",
         ],
     );
-    let _stop = Nbdkit(pidfile);
+    let _stop = KillPidFile(pidfile);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let alloc: Value = serde_json::from_str(&sh("nbdinfo", &["--map", "--json", &uri])).unwrap();
     let data: Vec<(u64, u64)> = alloc

@@ -75,13 +75,19 @@ pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<ExitCode> {
         println!("restored {} to {}", info.reference(), a.target.display());
         return Ok(ExitCode::SUCCESS);
     }
+    print_damage(&info.reference(), &a.target, &restored);
+    Ok(ExitCode::from(1))
+}
+
+/// What a restore of a damaged snapshot could not write, and what to do.
+fn print_damage(snapshot: &str, target: &Path, restored: &strata::serve::restore::Restored) {
     let bytes: u64 = restored.damaged.iter().map(|r| r.length).sum();
     eprintln!(
         "restore: {} is damaged: {bytes} bytes in {} ranges could not be read and are left \
          as zeroes in {}; everything else was restored",
-        info.reference(),
+        snapshot,
         restored.damaged.len(),
-        a.target.display()
+        target.display()
     );
     for r in &restored.damaged {
         eprintln!("  damaged range {}+{}", r.offset, r.length);
@@ -93,7 +99,6 @@ pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<ExitCode> {
         "a backup of the disk stores the damaged data again if the source still has it; \
          `strata verify` lists what is damaged"
     );
-    Ok(ExitCode::from(1))
 }
 
 pub fn mount(cli: &Cli, a: &MountArgs) -> Result<ExitCode> {

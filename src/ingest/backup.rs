@@ -219,10 +219,12 @@ fn checked_changes(
     changes: &ChangeList,
     percent: f64,
 ) -> Result<ChangeList> {
+    // Resolved once: both the damage and the unchanged-range check read it.
+    let map = repo.image_map(parent)?;
     let mut rounds = 0;
     loop {
-        let with_damage = with_parent_damage(repo, source, parent, changes)?;
-        match check_unchanged(repo, source, parent, &with_damage, percent) {
+        let with_damage = with_parent_damage(repo, source, parent, &map, changes)?;
+        match check_unchanged(repo, source, parent, &map, &with_damage, percent) {
             Err(Error::BadChunk { hash, message }) if rounds < MAX_CHECK_ROUNDS => {
                 log::warn!("the parent's chunk {hash} is damaged ({message})");
                 rounds += 1;
@@ -243,11 +245,12 @@ fn with_parent_damage(
     repo: &Repository,
     source: &dyn Source,
     parent: &SnapshotInfo,
+    map: &ImageMap,
     changes: &ChangeList,
 ) -> Result<ChangeList> {
     let size = source.size();
     let damaged: Vec<ByteRange> = repo
-        .damaged_ranges(&repo.image_map(parent)?)?
+        .damaged_ranges(map)?
         .into_iter()
         .filter_map(|r| r.intersect(&ByteRange::new(0, size)))
         .collect();
@@ -510,6 +513,7 @@ fn check_unchanged(
     repo: &Repository,
     source: &dyn Source,
     parent: &SnapshotInfo,
+    map: &ImageMap,
     changes: &ChangeList,
     percent: f64,
 ) -> Result<()> {
@@ -518,7 +522,6 @@ fn check_unchanged(
     }
     let started = std::time::Instant::now();
     let common = parent.size.min(source.size());
-    let map = repo.image_map(parent)?;
     let cache = ChunkCache::new(CHECK_THREADS * crate::store::chunk::MAX_CHUNK_SIZE);
     let mut rng = SplitMix(
         Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64 ^ u64::from(std::process::id()),
@@ -564,7 +567,7 @@ fn check_unchanged(
                         repo,
                         source,
                         parent,
-                        &map,
+                        map,
                         &cache,
                         *cell,
                         blocks,

@@ -550,3 +550,19 @@ pub fn stop_matching(pattern: &str) {
         wait_exit(pid);
     }
 }
+
+/// Kills, on drop, the process whose pid a file holds (nbdkit's --pidfile).
+pub struct KillPidFile(pub PathBuf);
+
+impl Drop for KillPidFile {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) with a pid and a signal number.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait_exit(pid);
+        }
+    }
+}
