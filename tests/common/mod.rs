@@ -1,6 +1,9 @@
 //! Shared helpers for the integration tests: a scratch repository, the
-//! `strata` binary, and real QEMU tools to make disks and their truths.
+//! `strata` binary, real QEMU tools to make disks and their truths, and a
+//! real S3 server ([`s3`]).
 #![allow(dead_code)]
+
+pub mod s3;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
