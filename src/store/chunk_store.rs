@@ -42,6 +42,12 @@ pub trait ChunkStore: Send + Sync {
     fn damaged_records(&self) -> Result<Vec<ChunkId>>;
     /// Drop the record of a damaged chunk.
     fn remove_damaged_record(&self, id: &ChunkId) -> Result<()>;
+    /// Wait until every chunk put so far is durable (object storage
+    /// uploads in the background; a local store is made durable by the
+    /// repository's `sync`).
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
     /// Keep what is read in this host's cache (object storage only): for
     /// a mount, which reads the same chunks again.
     fn keep_reads(&self, _keep: bool) {}

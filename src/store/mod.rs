@@ -22,3 +22,4 @@ pub mod partial;
 pub mod pins;
 pub mod quarantine;
 pub mod repo;
+pub mod uploader;

@@ -22,6 +22,7 @@ use crate::store::chunk_store::ChunkStore;
 use crate::store::crypto::Keys;
 use crate::store::object_cache::{self, ObjectCache};
 use crate::store::quarantine::Taken;
+use crate::store::uploader::Uploader;
 
 const CHUNKS: &str = "chunks/";
 const DAMAGED: &str = "damaged/";
@@ -35,6 +36,8 @@ pub struct ObjectChunks {
     keep_reads: AtomicBool,
     /// Chunks known to be in the bucket, once listed.
     known: Mutex<Option<HashSet<ChunkId>>>,
+    /// Started on the first write.
+    uploader: std::sync::OnceLock<Uploader>,
 }
 
 fn key(id: &ChunkId) -> String {
@@ -56,6 +59,7 @@ impl ObjectChunks {
             cache: ObjectCache::new(&home.join("cache"), object_cache::configured_size()?)?,
             keep_reads: AtomicBool::new(false),
             known: Mutex::new(None),
+            uploader: std::sync::OnceLock::new(),
         })
     }
 
@@ -109,14 +113,24 @@ impl ObjectChunks {
         }
     }
 
-    /// Store an encoded chunk unless the bucket has it; bytes written.
-    fn store(&self, id: &ChunkId, file: &[u8]) -> Result<u64> {
+    /// Store an encoded chunk unless the bucket has it; the bytes sent.
+    /// The write happens in the background (see `uploader`): it is
+    /// durable once [`ChunkStore::flush`] returns.
+    fn store(&self, id: &ChunkId, file: Vec<u8>) -> Result<u64> {
         if self.known(id)? {
             return Ok(0);
         }
-        let written = self.backend.put_new(&key(id), file)?;
+        let uploader = match self.uploader.get() {
+            Some(u) => u,
+            None => {
+                let u = Uploader::new(self.backend.clone())?;
+                self.uploader.get_or_init(|| u)
+            }
+        };
+        let len = file.len() as u64;
+        uploader.send(key(id), file)?;
         self.add_known(*id);
-        Ok(if written { file.len() as u64 } else { 0 })
+        Ok(len)
     }
 
     /// The stored chunk, from the cache (for a mount) or the bucket;
@@ -178,7 +192,7 @@ impl ChunkStore for ObjectChunks {
             return Ok(PutOutcome { id, stored: 0 });
         }
         let file = encode_file(data, self.level, self.keys.as_deref(), &id)?;
-        let stored = self.store(&id, &file)?;
+        let stored = self.store(&id, file)?;
         Ok(PutOutcome { id, stored })
     }
 
@@ -194,7 +208,14 @@ impl ChunkStore for ObjectChunks {
         if !is_current_file(file) {
             return Ok(self.put(data)?.stored);
         }
-        self.store(id, file)
+        self.store(id, file.to_vec())
+    }
+
+    fn flush(&self) -> Result<()> {
+        match self.uploader.get() {
+            Some(u) => u.flush(),
+            None => Ok(()),
+        }
     }
 
     fn contains(&self, id: &ChunkId) -> bool {
@@ -208,7 +229,7 @@ impl ChunkStore for ObjectChunks {
     /// Objects have no mtime to refresh: gc on object storage relies on
     /// leases instead (see `care::gc`).
     fn touch(&self, id: &ChunkId) -> bool {
-        self.contains(id)
+        self.known(id).unwrap_or(false) || self.contains(id)
     }
 
     fn quarantine(&self, id: &ChunkId) -> Result<Option<Taken>> {

@@ -512,11 +512,11 @@ impl Repository {
         Ok(())
     }
 
-    /// Make everything written to a local repository durable (objects in
-    /// a bucket are durable once written).
+    /// Make everything written durable: a local repository's file system,
+    /// or the chunk uploads still in flight to a bucket.
     pub fn sync(&self) -> Result<()> {
         let Some(root) = self.backend.local_root() else {
-            return Ok(());
+            return self.chunks.flush();
         };
         let dir = fs::File::open(root).ctx(|| format!("open {}", root.display()))?;
         // SAFETY: syncfs on a descriptor we own.

@@ -35,7 +35,7 @@ pub struct S3Backend {
 
 /// Connection failures are retried with backoff for this long, so that a
 /// server that is down fails a command well within a minute.
-const RETRY_TIMEOUT: Duration = Duration::from_secs(25);
+const RETRY_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl S3Backend {
     /// Connect to `bucket`; with `create`, make the bucket when it is
@@ -134,6 +134,16 @@ impl S3Backend {
         }
     }
 
+    /// A 404 is a missing object, unless the bucket itself is missing.
+    fn missing<T>(&self, e: object_store::Error, what: &str, key: &str) -> Result<Option<T>> {
+        match e {
+            object_store::Error::NotFound { .. } if !e.to_string().contains("NoSuchBucket") => {
+                Ok(None)
+            }
+            e => Err(self.err(what, key, e)),
+        }
+    }
+
     /// CreateBucket, signed by the store's own signer; an existing bucket
     /// of ours is fine.
     fn create_bucket(&self) -> Result<()> {
@@ -221,8 +231,7 @@ impl Backend for S3Backend {
         });
         match got {
             Ok(b) => Ok(Some(b.to_vec())),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err("read", key, e)),
+            Err(e) => self.missing(e, "read", key),
         }
     }
 
@@ -298,8 +307,7 @@ impl Backend for S3Backend {
                 modified: m.last_modified,
                 version: m.e_tag.unwrap_or_default(),
             })),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err("stat", key, e)),
+            Err(e) => self.missing(e, "stat", key),
         }
     }
 
