@@ -50,6 +50,12 @@ impl PinDir {
 
     /// Keep the chunks of `map` from gc under `key` until [`unpin`](Self::unpin).
     pub fn pin(&self, key: u64, map: &ImageMap) -> Result<()> {
+        self.pin_encoded(key, &map.encode())
+    }
+
+    /// [`pin`](Self::pin) a map given in its binary encoding
+    /// ([`ImageMap::encode`]).
+    pub fn pin_encoded(&self, key: u64, encoded: &[u8]) -> Result<()> {
         let path = self.path(key);
         let tmp = path.with_extension("tmp");
         // Whole or absent under its name: gc must never read half a map.
@@ -59,7 +65,7 @@ impl PinDir {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, &map.encode()))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, encoded))
             .ctx(|| format!("write {}", tmp.display()))?;
         fs::rename(&tmp, &path).ctx(|| format!("rename {}", tmp.display()))
     }
