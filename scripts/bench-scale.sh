@@ -34,6 +34,7 @@ S=${SCALE_STRATA:-$PWD/target/release/strata}
 REUSE=${SCALE_REUSE:-}
 if [ -n "$REUSE" ]; then
     [ -d "$W/repo" ] && [ -f "$W/alloc.json" ] || { echo "SCALE_REUSE: no earlier run in $W" >&2; exit 1; }
+    mkdir -p "$W/mnt"
 else
     rm -rf "$W"; mkdir -p "$W/mnt"
 fi
