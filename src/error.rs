@@ -40,6 +40,9 @@ pub enum Error {
     WrongPassphrase,
     #[error("the repository is encrypted: {0}")]
     NeedPassphrase(String),
+    /// An object store refused or could not be reached.
+    #[error("{endpoint}: {message}")]
+    Remote { endpoint: String, message: String },
 }
 
 impl Error {

@@ -38,7 +38,7 @@ pub struct CopyReport {
 /// on from `src` to `dst`.
 pub fn copy(src: &Repository, dst: &Repository, wanted: &[SnapshotInfo]) -> Result<CopyReport> {
     // gc in the target spares what a registered backup wrote since it began.
-    let _registration = Registration::new(dst.root(), Activity::Backup, "copy")?;
+    let _registration = Registration::new(dst, Activity::Copy, "copy")?;
     let all = src.snapshots(None)?;
     let order = with_ancestors(&all, if wanted.is_empty() { &all } else { wanted })?;
     let same_names = src.chunks().id_of(b"strata") == dst.chunks().id_of(b"strata");

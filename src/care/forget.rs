@@ -73,7 +73,7 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
             _ => None,
         };
         manifest::write(
-            &repo.manifests_dir(),
+            repo.backend(),
             &Manifest::new(&info, &merged),
             &info.disk,
             &info.id,
@@ -93,11 +93,14 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
         w.delete(&current.disk, &current.id)
     })?;
     crate::testhook::pause("forget:catalog-committed");
-    let path = manifest::manifest_path(&repo.manifests_dir(), &current.disk, &current.id);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => log::warn!("{}: {e} (gc will remove it)", path.display()),
+    // On object storage this is what removes the snapshot: its manifest
+    // is the truth there (the children above no longer name it).
+    let key = manifest::manifest_key(&current.disk, &current.id);
+    if let Err(e) = repo.backend().delete(&key) {
+        if repo.is_remote() {
+            return Err(e);
+        }
+        log::warn!("{key}: {e} (gc will remove it)");
     }
     log::info!(
         "forgot {} ({} children rewritten)",
@@ -124,7 +127,7 @@ pub fn set_protected(repo: &Repository, info: &SnapshotInfo, protected: bool) ->
     let mut updated = info.clone();
     updated.protected = protected;
     manifest::write(
-        &repo.manifests_dir(),
+        repo.backend(),
         &Manifest::new(&updated, &own),
         &updated.disk,
         &updated.id,

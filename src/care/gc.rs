@@ -12,6 +12,14 @@
 //! then deleted; a touch after the rename fails and makes the backup write
 //! the chunk anew. Chunks of images open in a mount count as referenced
 //! (see `store::pins`), whether or not their snapshot still exists.
+//!
+//! On object storage there are no mtimes to touch. There gc holds the
+//! maintenance lease (`store::lease`) and deletes chunks only when no
+//! writer (backup, receive, copy) holds a lease on any host: it marks,
+//! finds a writer, and leaves the sweep for a later run, saying so. A
+//! writer that starts meanwhile sees the maintenance lease and waits until
+//! gc is done, so no backup can deduplicate onto a chunk gc is deleting.
+//! Mounts and restores pin their images in the bucket, as mounts do here.
 
 use std::collections::HashSet;
 use std::fs;
@@ -24,8 +32,10 @@ use serde::Serialize;
 use crate::error::{Error, IoContext, Result};
 use crate::model::chunk_id::ChunkId;
 use crate::store::chunk::trash_path;
+use crate::store::lease;
 use crate::store::lock::{self, Activity, MaintenanceLock};
 use crate::store::manifest;
+use crate::store::object_chunks::ObjectChunks;
 use crate::store::partial;
 use crate::store::pins;
 use crate::store::repo::Repository;
@@ -42,6 +52,10 @@ pub struct GcReport {
     pub removed_damaged: usize,
     /// Partial pushes older than the limit, described.
     pub removed_partials: Vec<String>,
+    /// Why unreferenced chunks were left for a later gc (object storage,
+    /// a writer running).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,10 +82,17 @@ pub fn gc(repo: &Repository, lock: &MaintenanceLock) -> Result<GcReport> {
 }
 
 pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> Result<GcReport> {
-    let holders = lock::holders(repo.root())?;
+    let holders = lock::holders(repo.home())?;
+    let leases = match repo.shared_backend() {
+        Some(b) => lease::list(b.as_ref())?
+            .into_iter()
+            .filter(|l| !l.is_stale())
+            .collect(),
+        None => Vec::new(),
+    };
     let oldest = holders
         .iter()
-        .filter(|h| h.activity == Activity::Backup)
+        .filter(|h| h.activity.is_writer())
         .map(|h| h.started)
         .fold(lock::now_secs(), f64::min);
     let cutoff = oldest - MARGIN_SECS;
@@ -80,9 +101,9 @@ pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> 
     // Before deleting anything: an empty catalog beside manifests means a
     // lost catalog, and everything would look unreferenced.
     if snaps.is_empty()
-        && manifest::list_files(&repo.manifests_dir())?
+        && manifest::list(repo.backend())?
             .iter()
-            .any(|p| p.extension().is_some_and(|e| e == "json"))
+            .any(|o| o.key.ends_with(".json"))
     {
         return Err(Error::invalid(
             "the catalog lists no snapshots but manifests exist: if the catalog was lost, \
@@ -102,14 +123,38 @@ pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> 
         referenced.extend(repo.own_map(s)?.chunks());
     }
     // After the catalog, never before: see `store::pins` for why.
-    referenced.extend(pins::pinned_chunks(repo.root(), &holders)?);
+    let live: HashSet<String> = if repo.is_remote() {
+        leases
+            .iter()
+            .filter(|l| matches!(l.kind.as_str(), "mount" | "restore"))
+            .map(|l| l.name().to_string())
+            .collect()
+    } else {
+        holders
+            .iter()
+            .filter(|h| matches!(h.activity, Activity::Mount | Activity::Restore))
+            .map(|h| format!("{}.{}", h.pid, (h.started * 1e6) as u64))
+            .collect()
+    };
+    referenced.extend(pins::pinned_chunks(repo.backend(), &live)?);
     crate::testhook::pause("gc:marked");
 
     let mut report = GcReport::default();
-    for path in repo.chunks().list_files()? {
-        sweep_chunk_file(&path, &referenced, cutoff, &mut report)?;
+    if let Some(local) = repo.chunks().as_local() {
+        for path in local.list_files()? {
+            sweep_chunk_file(&path, &referenced, cutoff, &mut report)?;
+        }
+        sweep_manifests(repo, &snaps, cutoff, &mut report)?;
+    } else if let Some(objects) = repo.chunks().as_object() {
+        match leases.iter().find(|l| l.is_writer()) {
+            Some(w) => {
+                report.deferred = Some(format!(
+                    "{w} is running; unreferenced chunks are left for the next gc"
+                ))
+            }
+            None => sweep_objects(objects, &referenced, &mut report)?,
+        }
     }
-    sweep_manifests(repo, &snaps, cutoff, &mut report)?;
     sweep_tmp(repo, cutoff, &mut report)?;
     // A partial's chunks are not needed (its data is in its staging file),
     // so it is only a matter of age.
@@ -200,15 +245,52 @@ fn sweep_damaged(
     referenced: &HashSet<ChunkId>,
     report: &mut GcReport,
 ) -> Result<()> {
-    let quarantine = repo.chunks().quarantined();
-    for id in quarantine.list()? {
-        if repo.chunks().contains(&id) || !referenced.contains(&id) {
-            quarantine.remove(&id)?;
+    let chunks = repo.chunks();
+    for id in chunks.damaged_records()? {
+        if chunks.contains(&id) || !referenced.contains(&id) {
+            chunks.remove_damaged_record(&id)?;
             report.removed_damaged += 1;
         }
     }
     Ok(())
 }
+
+/// Delete the bucket's unreferenced chunks, several requests at a time.
+fn sweep_objects(
+    objects: &ObjectChunks,
+    referenced: &HashSet<ChunkId>,
+    report: &mut GcReport,
+) -> Result<()> {
+    let doomed: Vec<(ChunkId, u64)> = objects
+        .list()?
+        .into_iter()
+        .filter(|(id, _)| !referenced.contains(id))
+        .map(|(id, o)| (id, o.size))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..DELETERS.min(doomed.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((id, _)) = doomed.get(i) else { break };
+                if let Err(e) = objects.delete(id) {
+                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    break;
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    report.deleted_chunks += doomed.len();
+    report.freed_bytes += doomed.iter().map(|d| d.1).sum::<u64>();
+    Ok(())
+}
+
+/// Deletes in flight at once on object storage.
+const DELETERS: usize = 8;
 
 /// Staging files of receives that died (a live one is a registered backup,
 /// so its files are newer than the cutoff).
@@ -239,7 +321,8 @@ fn sweep_tmp(repo: &Repository, cutoff: f64, report: &mut GcReport) -> Result<()
     Ok(())
 }
 
-/// Remove manifests whose snapshot is not in the catalog, and temporaries.
+/// Remove manifests whose snapshot is not in the catalog, and temporaries
+/// (a local repository: on object storage a manifest is its snapshot).
 fn sweep_manifests(
     repo: &Repository,
     snaps: &[crate::model::snapshot::SnapshotInfo],
@@ -248,34 +331,27 @@ fn sweep_manifests(
 ) -> Result<()> {
     let known: HashSet<String> = snaps
         .iter()
-        .map(|s| format!("{}/{}.json", s.disk, s.id))
+        .map(|s| manifest::manifest_key(&s.disk, &s.id))
         .collect();
-    let dir = repo.manifests_dir();
-    let files = crate::store::manifest::list_files(&dir)?;
-    let manifests = files
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .count();
+    let files = manifest::list(repo.backend())?;
+    let manifests = files.iter().filter(|o| o.key.ends_with(".json")).count();
     if snaps.is_empty() && manifests > 0 {
         return Err(Error::invalid(
             "the catalog lists no snapshots but manifests exist: if the catalog was lost, \
              run `strata repair --rebuild-catalog` before gc",
         ));
     }
-    for path in files {
-        let rel = path
-            .strip_prefix(&dir)
-            .unwrap_or(&path)
-            .to_string_lossy()
-            .to_string();
+    for o in files {
+        let path = repo.home().join(&o.key);
         // A running backup writes its manifest just before its catalog row.
         let old = mtime_secs(&path).is_some_and(|t| t < cutoff);
-        if rel.contains(".json.tmp.") {
+        let leftover = o.key.contains(".json.tmp.") || o.key.contains(".new.");
+        if leftover {
             if old {
                 fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
                 report.removed_temporaries += 1;
             }
-        } else if rel.ends_with(".json") && !known.contains(&rel) && old {
+        } else if o.key.ends_with(".json") && !known.contains(&o.key) && old {
             fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
             report.removed_manifests += 1;
         }

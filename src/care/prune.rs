@@ -188,7 +188,7 @@ pub fn prune(
     disk: Option<&DiskName>,
     dry_run: bool,
 ) -> Result<PruneReport> {
-    let lock = MaintenanceLock::acquire(repo.root(), "prune")?;
+    let lock = MaintenanceLock::acquire(repo, "prune")?;
     let plan = plan(repo, policy, disk)?;
     if dry_run {
         return Ok(PruneReport {

@@ -8,6 +8,7 @@ use std::fs;
 use crate::error::{Error, IoContext, Result};
 use crate::model::image_map::ImageMap;
 use crate::model::snapshot::SnapshotInfo;
+use crate::store::backend::Location;
 use crate::store::catalog::{Catalog, SnapshotRecord};
 use crate::store::lock::{self, MaintenanceLock};
 use crate::store::manifest;
@@ -20,29 +21,32 @@ pub struct RebuildReport {
     pub skipped: Vec<String>,
 }
 
-/// Rebuild `<repo>/catalog.db` from `<repo>/manifests`. Nothing else may use
-/// the repository meanwhile. `passphrase` opens an encrypted repository's
-/// manifests.
-pub fn rebuild_catalog(
-    root: &std::path::Path,
-    passphrase: PassphraseSource,
-) -> Result<RebuildReport> {
-    let config = repo::read_config(root)?;
-    let keys = repo::unlock(root, &config, passphrase)?.map(|(keys, _)| keys);
-    let _lock = MaintenanceLock::acquire(root, "repair")?;
+/// Rebuild the catalog from the manifests: `catalog.db` in a local
+/// repository, this host's cached copy for one on object storage. Nothing
+/// else on this host may use the repository meanwhile. `passphrase` opens
+/// an encrypted repository's manifests.
+pub fn rebuild_catalog(location: &Location, passphrase: PassphraseSource) -> Result<RebuildReport> {
+    let backend = location.open(false)?;
+    let backend = backend.as_ref();
+    let config = repo::read_config(backend)?;
+    let keys = repo::unlock(backend, &config, passphrase)?.map(|(keys, _)| keys);
+    let Some(root) = backend.local_root() else {
+        return rebuild_cache(location, backend, passphrase);
+    };
+    fs::create_dir_all(root).ctx(|| format!("create {}", root.display()))?;
+    let _lock = MaintenanceLock::local(root, "repair")?;
     if let Some(h) = lock::holders(root)?.first() {
         return Err(Error::Busy(format!("the repository is in use by {h}")));
     }
-    let dir = root.join("manifests");
     let mut report = RebuildReport::default();
     let mut pending: Vec<(SnapshotInfo, ImageMap)> = Vec::new();
-    for path in manifest::list_files(&dir)? {
-        if path.extension().is_none_or(|e| e != "json") {
+    for o in manifest::list(backend)? {
+        let Some((disk, id)) = manifest::parse_key(&o.key) else {
             continue;
-        }
-        match manifest::read(&path, keys.as_deref()).and_then(|m| m.decode()) {
+        };
+        match manifest::read(backend, &disk, &id, keys.as_deref()).and_then(|m| m.decode()) {
             Ok(x) => pending.push(x),
-            Err(e) => report.skipped.push(format!("{}: {e}", path.display())),
+            Err(e) => report.skipped.push(format!("{}: {e}", o.key)),
         }
     }
     // Parents before children: a parent is always older than its child.
@@ -103,5 +107,40 @@ pub fn rebuild_catalog(
     report.restored = ordered.len();
     // Opening it proves it usable.
     Catalog::open(&root.join("catalog.db"))?;
+    Ok(report)
+}
+
+/// A repository on object storage: this host's catalog is a cache. It is
+/// removed and made anew from the bucket's manifests, as any open would.
+fn rebuild_cache(
+    location: &Location,
+    backend: &dyn crate::store::backend::Backend,
+    passphrase: PassphraseSource,
+) -> Result<RebuildReport> {
+    let home = repo::cache_home(backend);
+    fs::create_dir_all(&home).ctx(|| format!("create {}", home.display()))?;
+    let _lock = MaintenanceLock::local(&home, "repair")?;
+    if let Some(h) = lock::holders(&home)?.first() {
+        return Err(Error::Busy(format!("the repository is in use by {h}")));
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(home.join(format!("catalog.db{suffix}")));
+    }
+    let repo = crate::store::repo::Repository::open_at(location, passphrase)?;
+    let restored = repo.snapshots(None)?.len();
+    let listed = manifest::list(backend)?
+        .iter()
+        .filter(|o| manifest::parse_key(&o.key).is_some())
+        .count();
+    let mut report = RebuildReport {
+        restored,
+        skipped: Vec::new(),
+    };
+    if listed > restored {
+        report.skipped.push(format!(
+            "{} manifests not listed (unreadable, or of domain runs that did not finish; see the log with -v)",
+            listed - restored
+        ));
+    }
     Ok(report)
 }

@@ -16,7 +16,7 @@ use strata::store::lock::MaintenanceLock;
 use strata::store::partial;
 use strata::store::repo::Repository;
 
-use super::{done_event, open, repo_path, started_event, Cli};
+use super::{done_event, open, repo_location, started_event, Cli};
 
 #[derive(Args)]
 pub struct VerifyArgs {
@@ -102,18 +102,17 @@ pub struct InitArgs {
 }
 
 pub fn init(cli: &Cli, a: &InitArgs) -> Result<ExitCode> {
-    let path = repo_path(cli)?;
+    let location = repo_location(cli)?;
     let passphrase = match a.encrypt {
         true => Some(super::secret::new_passphrase(cli, None)?),
         false => None,
     };
-    let repo = Repository::init(&path, passphrase.as_deref())?;
+    let repo = Repository::init_at(&location, passphrase.as_deref())?;
     match repo.key_id() {
         Some(key) => println!(
-            "created encrypted repository {} (key {key}); without a passphrase its data is lost",
-            path.display()
+            "created encrypted repository {location} (key {key}); without a passphrase its data is lost"
         ),
-        None => println!("created repository {}", path.display()),
+        None => println!("created repository {location}"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -189,7 +188,7 @@ pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<ExitCode> {
             None => bail!("disk {disk} has no partial push"),
         };
     }
-    let lock = MaintenanceLock::acquire(repo.root(), "forget")?;
+    let lock = MaintenanceLock::acquire(&repo, "forget")?;
     let infos = resolve_all(&repo, &a.snapshots)?;
     if let Some(p) = infos.iter().find(|i| i.protected) {
         bail!(
@@ -257,7 +256,7 @@ fn print_prune_report(report: &PruneReport, dry_run: bool) {
 
 pub fn protect(cli: &Cli, a: &ProtectArgs, protect: bool) -> Result<ExitCode> {
     let repo = open(cli)?;
-    let _lock = MaintenanceLock::acquire(repo.root(), "protect")?;
+    let _lock = MaintenanceLock::acquire(&repo, "protect")?;
     let infos = resolve_all(&repo, std::slice::from_ref(&a.snapshot))?;
     for info in infos {
         removal::set_protected(&repo, &info, protect)?;
@@ -282,7 +281,7 @@ pub fn gc(cli: &Cli, a: &GcArgs) -> Result<ExitCode> {
     let opts = collect::GcOptions {
         partial_max_age: retention::parse_duration(&a.partial_max_age)?,
     };
-    let lock = MaintenanceLock::acquire(repo.root(), "gc")?;
+    let lock = MaintenanceLock::acquire(&repo, "gc")?;
     let r = collect::gc_with(&repo, &lock, &opts)?;
     for p in &r.removed_partials {
         println!("removed the {p}");
@@ -301,8 +300,8 @@ pub fn gc(cli: &Cli, a: &GcArgs) -> Result<ExitCode> {
 }
 
 pub fn repair(cli: &Cli, _a: &RepairArgs) -> Result<ExitCode> {
-    let path = repo_path(cli)?;
-    let r = fix::rebuild_catalog(&path, &|| super::secret::passphrase(cli))?;
+    let location = repo_location(cli)?;
+    let r = fix::rebuild_catalog(&location, &|| super::secret::passphrase(cli))?;
     for s in &r.skipped {
         eprintln!("skipped {s}");
     }

@@ -10,6 +10,7 @@ use clap::Args;
 use strata::care::copy;
 use strata::model::name::{DiskName, SnapshotRef};
 use strata::model::snapshot::SnapshotInfo;
+use strata::store::backend::Location;
 use strata::store::repo::Repository;
 
 use super::{done_event, open, started_event, Cli};
@@ -18,7 +19,7 @@ use super::{done_event, open, started_event, Cli};
 pub struct CopyArgs {
     /// The target repository (it must exist: `strata init` it first).
     #[arg(long)]
-    to: PathBuf,
+    to: String,
     /// The target's passphrase, if it is encrypted (one trailing newline is ignored).
     #[arg(long)]
     to_password_file: Option<PathBuf>,
@@ -48,9 +49,7 @@ pub fn copy(cli: &Cli, a: &CopyArgs) -> Result<ExitCode> {
         }
         println!(
             "{} chunks ({} bytes) sent to {}",
-            report.chunks_sent,
-            report.bytes_sent,
-            a.to.display()
+            report.chunks_sent, report.bytes_sent, a.to
         );
     }
     done_event("copy", serde_json::to_value(&report)?);
@@ -76,11 +75,16 @@ fn select(repo: &Repository, names: &[String]) -> Result<Vec<SnapshotInfo>> {
 }
 
 fn open_target(a: &CopyArgs) -> Result<Repository> {
-    if !a.to.join("config.json").exists() {
+    let location = Location::parse(&a.to)?;
+    let missing = match &location {
+        Location::Dir(p) => !p.join("config.json").exists(),
+        s3 => s3.open(false)?.get("config.json")?.is_none(),
+    };
+    if missing {
         bail!(
             "the target repository {} does not exist; create it first with: strata init --repo {}",
-            a.to.display(),
-            a.to.display()
+            a.to,
+            a.to
         );
     }
     let passphrase = || -> strata::Result<String> {
@@ -95,5 +99,5 @@ fn open_target(a: &CopyArgs) -> Result<Repository> {
             "the target is encrypted: give its passphrase with --to-password-file FILE".into(),
         ))
     };
-    Ok(Repository::open_with(&a.to, &passphrase)?)
+    Ok(Repository::open_at(&location, &passphrase)?)
 }

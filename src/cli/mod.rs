@@ -9,6 +9,7 @@ mod docs;
 mod domain;
 mod ingest;
 mod inspect;
+mod locks;
 mod notify;
 mod secret;
 mod serve;
@@ -20,6 +21,7 @@ use anyhow::{bail, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use strata::progress;
+use strata::store::backend::Location;
 use strata::store::repo::Repository;
 
 #[derive(Parser)]
@@ -35,9 +37,18 @@ use strata::store::repo::Repository;
         Reference: docs/CLI.md in the source tree."
 )]
 pub struct Cli {
-    /// Repository directory.
+    /// Repository: a directory, or s3://BUCKET[/PREFIX] (endpoint and
+    /// credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION).
     #[arg(long, env = "STRATA_REPO", global = true)]
-    repo: Option<PathBuf>,
+    repo: Option<String>,
+    /// This host's cache for repositories on object storage (catalog copy,
+    /// chunk cache). Default: $XDG_CACHE_HOME/strata, else ~/.cache/strata.
+    #[arg(long, env = "STRATA_CACHE_DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+    /// Bound of the chunk cache, in bytes or with K, M, G or T (default 1G).
+    #[arg(long, env = "STRATA_CACHE_SIZE", global = true)]
+    cache_size: Option<String>,
     /// More log output (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
@@ -102,6 +113,11 @@ enum Command {
     Repair(care::RepairArgs),
     /// Manage the passphrases of an encrypted repository.
     Key(secret::KeyArgs),
+    /// List who holds the repository: running backups, receives, restores,
+    /// copies, mounts and maintenance (leases on object storage).
+    Locks(locks::LocksArgs),
+    /// Remove stale leases (their holder died or they expired).
+    Unlock(locks::UnlockArgs),
     /// Print the libvirt domain XML saved with a domain run (PREFIX@ID).
     DomainXml(domain::DomainXmlArgs),
     /// Copy snapshots to another repository, sending only missing data.
@@ -116,6 +132,13 @@ pub fn main() -> ExitCode {
     let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(&cli);
+    // The library reads these from the environment; the flags win.
+    if let Some(dir) = &cli.cache_dir {
+        std::env::set_var("STRATA_CACHE_DIR", dir);
+    }
+    if let Some(size) = &cli.cache_size {
+        std::env::set_var("STRATA_CACHE_SIZE", size);
+    }
     progress::set_mode(match (cli.progress, cli.quiet) {
         // Asked for by name, JSON wins over -q: scripts parse it.
         (ProgressArg::Json, _) => progress::Mode::Json,
@@ -220,6 +243,8 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Gc(a) => care::gc(cli, a),
         Command::Repair(a) => care::repair(cli, a),
         Command::Key(a) => secret::key(cli, a),
+        Command::Locks(a) => locks::locks(cli, a),
+        Command::Unlock(a) => locks::unlock(cli, a),
         Command::Copy(a) => copy::copy(cli, a),
         Command::DomainXml(a) => domain::domain_xml(cli, a),
         Command::Completions(a) => docs::completions(a),
@@ -227,33 +252,38 @@ fn run(cli: &Cli) -> Result<ExitCode> {
     }
 }
 
-/// The repository path from `--repo` or `STRATA_REPO`.
-fn repo_path(cli: &Cli) -> Result<PathBuf> {
+/// The repository from `--repo` or `STRATA_REPO`.
+fn repo_location(cli: &Cli) -> Result<Location> {
     match &cli.repo {
-        Some(p) => Ok(p.clone()),
-        None => bail!("no repository given: use --repo PATH or set STRATA_REPO"),
+        Some(p) => Ok(Location::parse(p)?),
+        None => {
+            bail!("no repository given: use --repo PATH|s3://BUCKET[/PREFIX] or set STRATA_REPO")
+        }
     }
 }
 
 /// Open the repository, telling a missing directory and one that is not a
 /// repository apart, since their fixes differ.
 fn open(cli: &Cli) -> Result<Repository> {
-    let path = repo_path(cli)?;
-    if !path.exists() {
-        bail!(
-            "repository {} does not exist; check --repo/STRATA_REPO, or create it with: strata init --repo {}",
-            path.display(),
-            path.display()
-        );
+    let location = repo_location(cli)?;
+    if let Location::Dir(path) = &location {
+        if !path.exists() {
+            bail!(
+                "repository {} does not exist; check --repo/STRATA_REPO, or create it with: strata init --repo {}",
+                path.display(),
+                path.display()
+            );
+        }
+        if path.is_dir() && !path.join("config.json").exists() {
+            bail!(
+                "{} is not a strata repository (it has no config.json); check --repo/STRATA_REPO",
+                path.display()
+            );
+        }
     }
-    if path.is_dir() && !path.join("config.json").exists() {
-        bail!(
-            "{} is not a strata repository (it has no config.json); check --repo/STRATA_REPO",
-            path.display()
-        );
-    }
-    // The library's errors name the path already (bad config.json, format).
-    Ok(Repository::open_with(&path, &|| secret::passphrase(cli))?)
+    // The library's errors name the repository already (bad config.json,
+    // format, the endpoint and the S3 error).
+    Ok(Repository::open_at(&location, &|| secret::passphrase(cli))?)
 }
 
 /// The `done` event of `--progress json`, with the command's summary.

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use strata::store::keys;
 
-use super::{open, repo_path, Cli};
+use super::{open, Cli};
 
 #[derive(Args)]
 pub struct KeyArgs {
@@ -113,27 +113,27 @@ fn replacement(a: &NewPassphraseArgs) -> Result<String> {
 }
 
 pub fn key(cli: &Cli, a: &KeyArgs) -> Result<ExitCode> {
-    let root = repo_path(cli)?;
     let repo = open(cli)?;
+    let root = repo.backend();
     let current = repo
         .key_id()
         .context("the repository is not encrypted: it has no keys")?
         .to_string();
     match &a.command {
-        KeyCommand::List { json } => list(&root, &current, *json)?,
+        KeyCommand::List { json } => list(root, &current, *json)?,
         KeyCommand::Add(n) => {
-            let (master, _) = keys::unlock(&root, &passphrase(cli)?)?;
-            let added = keys::create(&root, &master, &replacement(n)?)?;
+            let (master, _) = keys::unlock(root, &passphrase(cli)?)?;
+            let added = keys::create(root, &master, &replacement(n)?)?;
             println!("added key {}", added.id);
         }
         KeyCommand::Remove { key_id } => {
-            keys::remove(&root, key_id)?;
+            keys::remove(root, key_id)?;
             println!("removed key {key_id}");
         }
         KeyCommand::Passwd(n) => {
-            let (master, _) = keys::unlock(&root, &passphrase(cli)?)?;
-            let added = keys::create(&root, &master, &replacement(n)?)?;
-            keys::remove(&root, &current)?;
+            let (master, _) = keys::unlock(root, &passphrase(cli)?)?;
+            let added = keys::create(root, &master, &replacement(n)?)?;
+            keys::remove(root, &current)?;
             println!(
                 "changed the passphrase: key {current} replaced by {}",
                 added.id
@@ -143,7 +143,7 @@ pub fn key(cli: &Cli, a: &KeyArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn list(root: &Path, current: &str, as_json: bool) -> Result<()> {
+fn list(root: &dyn strata::store::backend::Backend, current: &str, as_json: bool) -> Result<()> {
     let files = keys::list(root)?;
     if as_json {
         let out: Vec<_> = files

@@ -10,7 +10,8 @@ use serde_json::json;
 use strata::model::name::SnapshotRef;
 use strata::serve::mount::{self as fuse_mount, MountOptions, Unmounted};
 
-use super::{done_event, open, repo_path, started_event, Cli};
+use super::{done_event, open, started_event, Cli};
+use strata::store::backend::Location;
 
 #[derive(Args)]
 pub struct RestoreArgs {
@@ -177,11 +178,14 @@ fn mount_in_background(cli: &Cli, mnt: &Path, allow_other: bool) -> Result<()> {
     use std::io::{BufRead, Read};
     use std::os::unix::process::CommandExt;
     fuse_mount::check_mountpoint(mnt)?;
-    let repo = std::path::absolute(repo_path(cli)?)?;
+    let location = match super::repo_location(cli)? {
+        Location::Dir(p) => Location::Dir(std::path::absolute(p)?),
+        other => other,
+    };
     let mnt = std::path::absolute(mnt)?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("--repo")
-        .arg(&repo)
+        .arg(location.to_string())
         .arg("mount")
         .arg(&mnt)
         .env(DAEMON_CHILD_ENV, "1");
@@ -193,7 +197,8 @@ fn mount_in_background(cli: &Cli, mnt: &Path, allow_other: bool) -> Result<()> {
     }
     // The passphrase is asked here, before detaching, and handed over on
     // the child's standard input: never in its arguments or environment.
-    let passphrase = match strata::store::repo::read_config(&repo)?.encryption {
+    let backend = location.open(false)?;
+    let passphrase = match strata::store::repo::read_config(backend.as_ref())?.encryption {
         Some(_) => {
             cmd.arg("--password-file").arg("/dev/stdin");
             Some(super::secret::passphrase(cli)?)

@@ -113,7 +113,7 @@ pub fn capture_snapshot(
             opts.check_unchanged
         )));
     }
-    let registration = Registration::new(repo.root(), Activity::Backup, &format!("backup {disk}"))?;
+    let registration = Registration::new(repo, Activity::Backup, &format!("backup {disk}"))?;
     let size = source.size();
     let (kind, parent, plan) = match &opts.changes {
         None => {

@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
@@ -125,6 +126,29 @@ pub struct ImageFs {
     gid: u32,
     mounted_at: SystemTime,
     extra: Option<ExtraFiles>,
+    /// Bumped each time the catalog of a repository on object storage was
+    /// brought up to date with the bucket (see [`REMOTE_REFRESH`]).
+    synced: Arc<AtomicU64>,
+}
+
+/// How often a mount of a repository on object storage looks for
+/// snapshots committed by other hosts (the contract allows 30 s).
+const REMOTE_REFRESH: Duration = Duration::from_secs(10);
+
+/// Keep the catalog of a repository on object storage in step with the
+/// bucket while mounted. Failures (the server down for a while) are logged
+/// and retried at the next round.
+fn remote_refresher(repo: &Repository, synced: &AtomicU64) {
+    loop {
+        std::thread::sleep(REMOTE_REFRESH);
+        match repo.refresh() {
+            Ok(true) => {
+                synced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("refreshing the catalog: {e}"),
+        }
+    }
 }
 
 impl ImageFs {
@@ -141,7 +165,16 @@ impl ImageFs {
                 .spawn(move || prefetch_worker(&repo, &cache, &rx))
                 .map_err(|e| crate::Error::io("spawn read-ahead thread", e))?;
         }
+        let synced = Arc::new(AtomicU64::new(0));
+        if repo.is_remote() {
+            let (repo, synced) = (repo.clone(), synced.clone());
+            std::thread::Builder::new()
+                .name("catalog-refresh".into())
+                .spawn(move || remote_refresher(&repo, &synced))
+                .map_err(|e| crate::Error::io("spawn the catalog refresher", e))?;
+        }
         let fs = ImageFs {
+            synced,
             repo,
             pins,
             open_images: Mutex::new(HashMap::new()),
@@ -164,7 +197,10 @@ impl ImageFs {
 
     /// Rebuild the tree if the catalog changed since the last look.
     fn refresh(&self) -> Result<()> {
-        let version = self.repo.catalog().data_version()?;
+        // data_version moves with other connections' commits; `synced`
+        // with this process's own syncs from the bucket.
+        let version = self.repo.catalog().data_version()?.wrapping_mul(1 << 24)
+            + self.synced.load(std::sync::atomic::Ordering::Relaxed) as i64;
         if self.tree.read().unwrap_or_else(|e| e.into_inner()).version == Some(version) {
             return Ok(());
         }
@@ -288,10 +324,8 @@ impl ImageFs {
         // missed both: the open fails rather than read deleted chunks.
         let still_there = self
             .repo
-            .catalog()
-            .get(&file.info.disk, &file.info.id)
-            .map_err(|e| errno_of(&e))?
-            .is_some();
+            .still_exists(&file.info)
+            .map_err(|e| errno_of(&e))?;
         if !still_there {
             self.pins.unpin(ino);
             return Err(Errno::ENOENT);

@@ -106,16 +106,19 @@ pub fn serve(
     let mnt = mnt
         .canonicalize()
         .ctx(|| format!("mount point {}", mnt.display()))?;
-    let registration = Registration::new(
-        repo.root(),
+    let registration = Registration::with_mountpoint(
+        &repo,
         Activity::Mount,
         &format!("mount {}", mnt.display()),
+        Some(mnt.display().to_string()),
     )?;
     limit_malloc_arenas();
     // Block the signals before any thread starts, so that every thread
     // inherits the mask and only the signal thread below receives them.
     let signals = block_signals()?;
-    let pins = PinDir::create(repo.root(), &registration.holder)?;
+    let pins = PinDir::create(&repo, &registration)?;
+    // A mount reads the same chunks again: keep them in this host's cache.
+    repo.chunks().keep_reads(true);
     let fs = ImageFs::new(Arc::new(repo), pins, opts.extra_files.clone())?;
     let mut config = Config::default();
     config.mount_options = vec![

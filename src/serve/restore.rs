@@ -20,6 +20,8 @@ use crate::model::extent::{merge_touching, ByteRange};
 use crate::model::image_map::{Piece, Segment};
 use crate::model::snapshot::SnapshotInfo;
 use crate::store::chunk::is_zero;
+use crate::store::lock::{Activity, Registration};
+use crate::store::pins::PinDir;
 use crate::store::repo::Repository;
 
 /// What a restore could not write: ranges of the image whose chunks are
@@ -34,6 +36,18 @@ pub struct Restored {
 /// ranges are left zero and returned, the rest is written.
 pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<Restored> {
     let map = crate::serve::compact_image_map(repo, info)?;
+    // Pinned like a mount's open image, so that a forget and gc meanwhile
+    // (on any host) leave its chunks alone.
+    let registration = Registration::new(
+        repo,
+        Activity::Restore,
+        &format!("restore {}", info.reference()),
+    )?;
+    let pins = PinDir::create(repo, &registration)?;
+    pins.pin_encoded(0, &map.encode())?;
+    if !repo.still_exists(info)? {
+        return Err(Error::SnapshotNotFound(info.reference()));
+    }
     let (file, readable) = open_target(target).ctx(|| format!("open {}", target.display()))?;
     let meta = file
         .metadata()

@@ -60,6 +60,14 @@ CREATE TABLE IF NOT EXISTS snapshots (
     image_map    BLOB NOT NULL,
     PRIMARY KEY (disk, id)
 );
+-- A cached catalog's record of which version of each snapshot's manifest
+-- its row was made from (see `catalog_sync`); unused in a local repository.
+CREATE TABLE IF NOT EXISTS manifest_versions (
+    disk    TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    version TEXT NOT NULL,
+    PRIMARY KEY (disk, id)
+);
 ";
 
 const COLUMNS: &str = "disk, id, time, kind, parent, size, granularity, label, checkpoint, bitmap, protected, stored_bytes";
@@ -214,6 +222,17 @@ impl Catalog {
             protected: row.get(10)?,
             stored_bytes: row.get::<_, i64>(11)? as u64,
         })
+    }
+
+    /// Every row's `(disk, id)` with the manifest version it was made from,
+    /// if one is on record.
+    pub fn versions(&self) -> Result<Vec<(String, String, Option<String>)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT s.disk, s.id, v.version FROM snapshots s
+             LEFT JOIN manifest_versions v ON v.disk = s.disk AND v.id = s.id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Changes whenever another connection commits: a cheap "did anything change".
@@ -417,9 +436,20 @@ impl Writer<'_> {
     }
 
     pub fn delete(&self, disk: &DiskName, id: &SnapshotId) -> Result<()> {
+        for table in ["snapshots", "manifest_versions"] {
+            self.conn.execute(
+                &format!("DELETE FROM {table} WHERE disk = ?1 AND id = ?2"),
+                params![disk.as_str(), id.as_str()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Record the manifest version a row was made from.
+    pub fn set_version(&self, disk: &str, id: &str, version: &str) -> Result<()> {
         self.conn.execute(
-            "DELETE FROM snapshots WHERE disk = ?1 AND id = ?2",
-            params![disk.as_str(), id.as_str()],
+            "INSERT OR REPLACE INTO manifest_versions (disk, id, version) VALUES (?1, ?2, ?3)",
+            params![disk, id, version],
         )?;
         Ok(())
     }

@@ -175,8 +175,11 @@ fn images_resolve_at_every_depth_and_survive_forget_and_rebuild() {
     }
     drop(repo);
 
-    let report =
-        repair::rebuild_catalog(&dir.path().join("r"), &crate::store::repo::no_passphrase).unwrap();
+    let report = repair::rebuild_catalog(
+        &crate::store::backend::Location::Dir(dir.path().join("r")),
+        &crate::store::repo::no_passphrase,
+    )
+    .unwrap();
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
     let repo = Repository::open(&dir.path().join("r")).unwrap();
     check_all(&repo, &chain, false, "rebuilt");

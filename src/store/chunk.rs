@@ -210,7 +210,7 @@ fn chunk_id(keys: Option<&Keys>, data: &[u8]) -> ChunkId {
 
 /// Where chunks live, and how to put and get them.
 #[derive(Debug, Clone)]
-pub struct ChunkStore {
+pub struct LocalChunks {
     dir: PathBuf,
     level: i32,
     /// The 256 subdirectories, each opened on first use: chunks are
@@ -222,6 +222,22 @@ pub struct ChunkStore {
     keys: Option<Arc<Keys>>,
 }
 
+/// The stored form of a chunk holding `data` under `id` (sealed with
+/// `keys`): the same bytes a local store writes to its file.
+pub fn encode_file(data: &[u8], level: i32, keys: Option<&Keys>, id: &ChunkId) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; padded(HEADER_LEN + SEAL_OVERHEAD + data.len())];
+    let len = encode_into(data, level, keys.map(|k| (k, id)), &mut out)?;
+    out.truncate(padded(len));
+    Ok(out)
+}
+
+/// Whether an encoded chunk is in the current (padded) format, which
+/// [`ChunkStore::put_file`](crate::store::chunk_store::ChunkStore::put_file)
+/// stores as it is.
+pub fn is_current_file(file: &[u8]) -> bool {
+    file.get(2) == Some(&VERSION) && file.len() % DIRECT_ALIGN == 0
+}
+
 /// The result of storing a chunk.
 #[derive(Debug, Clone, Copy)]
 pub struct PutOutcome {
@@ -230,11 +246,11 @@ pub struct PutOutcome {
     pub stored: u64,
 }
 
-impl ChunkStore {
+impl LocalChunks {
     /// The store in `dir`, moving damaged chunks to `damaged`; with `keys`,
     /// an encrypted one.
     pub fn new(dir: PathBuf, damaged: PathBuf, level: i32, keys: Option<Arc<Keys>>) -> Self {
-        ChunkStore {
+        LocalChunks {
             dir,
             level,
             subdirs: Arc::new((0..=255).map(|_| OnceLock::new()).collect()),
@@ -383,7 +399,7 @@ impl ChunkStore {
     /// checked there) unless a chunk with its name exists; returns the bytes
     /// written. Files of the old unpadded format are stored anew from `data`.
     pub fn put_file(&self, id: &ChunkId, file: &[u8], data: &[u8]) -> Result<u64> {
-        if file.get(2) != Some(&VERSION) || file.len() % DIRECT_ALIGN != 0 {
+        if !is_current_file(file) {
             return Ok(self.put(data)?.stored);
         }
         let dir = self.subdir(id.0[0])?;
@@ -710,10 +726,10 @@ mod tests {
     use super::*;
 
     /// A chunk store in a temporary directory (removed when dropped).
-    fn scratch_store() -> (tempfile::TempDir, ChunkStore) {
+    fn scratch_store() -> (tempfile::TempDir, LocalChunks) {
         let dir = tempfile::tempdir().unwrap();
-        ChunkStore::create_layout(dir.path()).unwrap();
-        let store = ChunkStore::new(
+        LocalChunks::create_layout(dir.path()).unwrap();
+        let store = LocalChunks::new(
             dir.path().to_path_buf(),
             dir.path().join("damaged"),
             1,

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::model::chunk_id::ChunkId;
 use crate::model::extent::ByteRange;
 use crate::model::image_map::{MapView, Piece};
-use crate::store::chunk::ChunkStore;
+use crate::store::chunk_store::ChunkStore;
 
 /// Decoded chunks, bounded by total bytes, least recently used out first.
 /// A chunk being decoded by one thread is waited for by the others rather
@@ -80,7 +80,7 @@ impl ChunkCache {
     }
 
     /// The decoded chunk, from the cache or the store.
-    pub fn load(&self, store: &ChunkStore, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+    pub fn load(&self, store: &dyn ChunkStore, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
         let mut inner = self.lock();
         loop {
             if let Some(data) = Self::touch(&mut inner, id) {
@@ -109,7 +109,7 @@ impl ChunkCache {
 /// image are not touched; the number of bytes inside it is returned.
 pub fn read_at(
     map: &impl MapView,
-    store: &ChunkStore,
+    store: &dyn ChunkStore,
     cache: &ChunkCache,
     buf: &mut [u8],
     offset: u64,

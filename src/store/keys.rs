@@ -4,16 +4,13 @@
 //! it. Any one passphrase opens the repository; removing a key file makes
 //! its passphrase open nothing.
 
-use std::fs;
-use std::path::{Path, PathBuf};
-
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
+use crate::store::backend::Backend;
 use crate::store::crypto::{
     aes_key, from_hex, open, random, seal, to_hex, NONCE_LEN, SEAL_OVERHEAD,
 };
-use crate::store::durable;
 
 pub const KEY_FORMAT: &str = "strata-key/1";
 
@@ -46,9 +43,8 @@ pub struct KeyFile {
     pub wrapped: String,
 }
 
-pub fn keys_dir(root: &Path) -> PathBuf {
-    root.join("keys")
-}
+/// Key files live under this prefix: `keys/<id>.json`.
+pub const KEYS_PREFIX: &str = "keys/";
 
 /// The key that wraps the master key, from a passphrase.
 fn derive(passphrase: &str, kdf: &Kdf) -> Result<[u8; 32]> {
@@ -74,7 +70,7 @@ fn aad(id: &str) -> Vec<u8> {
 }
 
 /// Write a new key file wrapping `master` with `passphrase`.
-pub fn create(root: &Path, master: &[u8; 32], passphrase: &str) -> Result<KeyFile> {
+pub fn create(backend: &dyn Backend, master: &[u8; 32], passphrase: &str) -> Result<KeyFile> {
     if passphrase.is_empty() {
         return Err(Error::invalid("the passphrase is empty"));
     }
@@ -102,28 +98,28 @@ pub fn create(root: &Path, master: &[u8; 32], passphrase: &str) -> Result<KeyFil
         cipher: "aes-256-gcm".into(),
         wrapped: to_hex(&wrapped),
     };
-    write(root, &file)?;
+    write(backend, &file)?;
     Ok(file)
 }
 
-fn write(root: &Path, file: &KeyFile) -> Result<()> {
-    let path = keys_dir(root).join(format!("{}.json", file.id));
+fn write(backend: &dyn Backend, file: &KeyFile) -> Result<()> {
     let body = serde_json::to_vec_pretty(file).expect("key file serializes");
-    durable::replace(&path, &body)
+    backend.put(&format!("{KEYS_PREFIX}{}.json", file.id), &body)
 }
 
 /// Every key file, oldest first.
-pub fn list(root: &Path) -> Result<Vec<KeyFile>> {
-    let dir = keys_dir(root);
+pub fn list(backend: &dyn Backend) -> Result<Vec<KeyFile>> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))? {
-        let path = entry.ctx(|| format!("list {}", dir.display()))?.path();
-        if path.extension().is_none_or(|e| e != "json") {
+    for object in backend.list(KEYS_PREFIX)? {
+        if !object.key.ends_with(".json") {
             continue;
         }
-        let body = fs::read(&path).ctx(|| format!("read {}", path.display()))?;
+        // Removed since the listing: not a key any more.
+        let Some(body) = backend.get(&object.key)? else {
+            continue;
+        };
         let file: KeyFile = serde_json::from_slice(&body)
-            .map_err(|e| Error::invalid(format!("{}: malformed key file: {e}", path.display())))?;
+            .map_err(|e| Error::invalid(format!("{}: malformed key file: {e}", object.key)))?;
         out.push(file);
     }
     out.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
@@ -131,12 +127,12 @@ pub fn list(root: &Path) -> Result<Vec<KeyFile>> {
 }
 
 /// The master key and the id of the key file `passphrase` opens.
-pub fn unlock(root: &Path, passphrase: &str) -> Result<([u8; 32], String)> {
-    let files = list(root)?;
+pub fn unlock(backend: &dyn Backend, passphrase: &str) -> Result<([u8; 32], String)> {
+    let files = list(backend)?;
     if files.is_empty() {
         return Err(Error::invalid(format!(
             "{} has no key files: the repository cannot be opened",
-            keys_dir(root).display()
+            backend.describe()
         )));
     }
     for file in &files {
@@ -162,8 +158,8 @@ fn try_unwrap(file: &KeyFile, passphrase: &str) -> Result<Option<[u8; 32]>> {
 }
 
 /// Remove key `id`; never the last one.
-pub fn remove(root: &Path, id: &str) -> Result<()> {
-    let files = list(root)?;
+pub fn remove(backend: &dyn Backend, id: &str) -> Result<()> {
+    let files = list(backend)?;
     if !files.iter().any(|f| f.id == id) {
         return Err(Error::invalid(format!(
             "no key {id:?}; `strata key list` shows the keys"
@@ -174,9 +170,7 @@ pub fn remove(root: &Path, id: &str) -> Result<()> {
             "key {id} is the repository's only key; add another before removing it"
         )));
     }
-    let path = keys_dir(root).join(format!("{id}.json"));
-    fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
-    durable::fsync_dir(&keys_dir(root))
+    backend.delete(&format!("{KEYS_PREFIX}{id}.json"))
 }
 
 #[cfg(test)]
@@ -185,33 +179,23 @@ mod tests {
 
     #[test]
     fn passphrases_wrap_one_master_key() {
-        let root = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::store::backend::dir::DirBackend::new(dir.path());
+        let root = &backend;
         let master = [42u8; 32];
-        let a = create(root.path(), &master, "first").unwrap();
-        let b = create(root.path(), &master, "second").unwrap();
-        assert_eq!(
-            unlock(root.path(), "first").unwrap(),
-            (master, a.id.clone())
-        );
-        assert_eq!(
-            unlock(root.path(), "second").unwrap(),
-            (master, b.id.clone())
-        );
-        assert!(matches!(
-            unlock(root.path(), "third"),
-            Err(Error::WrongPassphrase)
-        ));
-        remove(root.path(), &a.id).unwrap();
-        assert!(matches!(
-            unlock(root.path(), "first"),
-            Err(Error::WrongPassphrase)
-        ));
-        assert!(remove(root.path(), &b.id)
+        let a = create(root, &master, "first").unwrap();
+        let b = create(root, &master, "second").unwrap();
+        assert_eq!(unlock(root, "first").unwrap(), (master, a.id.clone()));
+        assert_eq!(unlock(root, "second").unwrap(), (master, b.id.clone()));
+        assert!(matches!(unlock(root, "third"), Err(Error::WrongPassphrase)));
+        remove(root, &a.id).unwrap();
+        assert!(matches!(unlock(root, "first"), Err(Error::WrongPassphrase)));
+        assert!(remove(root, &b.id)
             .unwrap_err()
             .to_string()
             .contains("only key"));
         // A wrapped key bound to another id does not open.
-        let mut moved = list(root.path()).unwrap().remove(0);
+        let mut moved = list(root).unwrap().remove(0);
         moved.id = "0000000000000000".into();
         assert!(try_unwrap(&moved, "second").unwrap().is_none());
     }

@@ -6,23 +6,53 @@
 //!   whole life. gc reads them to keep what running backups wrote and to
 //!   tell live mounts' pins (`store::pins`) from those of dead ones.
 //! - forget, prune, gc and repair take the [`MaintenanceLock`]: one at a time.
+//!
+//! On object storage both also hold a lease in the bucket (`store::lease`),
+//! which other hosts see: a registration its kind's lease, the maintenance
+//! lock the maintenance lease. A writer (backup, receive, copy) does not
+//! start while a maintenance lease is held (it waits), so that gc's
+//! decisions there never race a backup's deduplication (see `care::gc`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
+use crate::store::backend::Backend;
+use crate::store::lease::{self, Lease};
+use crate::store::repo::Repository;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Activity {
     Backup,
     Mount,
+    Receive,
+    Copy,
+    Restore,
+}
+
+impl Activity {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Activity::Backup => "backup",
+            Activity::Mount => "mount",
+            Activity::Receive => "receive",
+            Activity::Copy => "copy",
+            Activity::Restore => "restore",
+        }
+    }
+
+    /// Writes chunks that no manifest names yet.
+    pub fn is_writer(&self) -> bool {
+        matches!(self, Activity::Backup | Activity::Receive | Activity::Copy)
+    }
 }
 
 /// What a registration file says.
@@ -53,15 +83,47 @@ fn locks_dir(root: &Path) -> Result<PathBuf> {
 }
 
 /// A running backup or mount, visible to gc until dropped (or the process dies).
-#[derive(Debug)]
 pub struct Registration {
     _file: File,
     path: PathBuf,
     pub holder: Holder,
+    /// Its lease, on object storage.
+    pub lease: Option<Lease>,
 }
 
+/// How long a writer waits for a maintenance command to finish.
+const MAINTENANCE_WAIT: Duration = Duration::from_secs(900);
+
 impl Registration {
-    pub fn new(root: &Path, activity: Activity, what: &str) -> Result<Self> {
+    /// Register `activity` with `repo`: on this host, and with a lease on
+    /// object storage (where a writer first waits out maintenance).
+    pub fn new(repo: &Repository, activity: Activity, what: &str) -> Result<Self> {
+        Self::with_mountpoint(repo, activity, what, None)
+    }
+
+    pub fn with_mountpoint(
+        repo: &Repository,
+        activity: Activity,
+        what: &str,
+        mountpoint: Option<String>,
+    ) -> Result<Self> {
+        let mut reg = Self::local(repo.home(), activity, what)?;
+        if let Some(backend) = repo.shared_backend() {
+            reg.lease = Some(lease_for(backend, activity, what, mountpoint)?);
+        }
+        Ok(reg)
+    }
+
+    /// The name under which this registration's pins are kept.
+    pub fn pin_name(&self) -> String {
+        match &self.lease {
+            Some(l) => l.info().name().to_string(),
+            None => format!("{}.{}", self.holder.pid, (self.holder.started * 1e6) as u64),
+        }
+    }
+
+    /// A registration on this host only.
+    pub fn local(root: &Path, activity: Activity, what: &str) -> Result<Self> {
         let started = now_secs();
         let holder = Holder {
             pid: std::process::id(),
@@ -69,10 +131,7 @@ impl Registration {
             what: what.to_string(),
             started,
         };
-        let kind = match activity {
-            Activity::Backup => "backup",
-            Activity::Mount => "mount",
-        };
+        let kind = activity.as_str();
         // Several registrations per process are possible (tests, receive).
         let path =
             locks_dir(root)?.join(format!("{}.{kind}.{}", holder.pid, (started * 1e6) as u64));
@@ -93,7 +152,44 @@ impl Registration {
             _file: file,
             path,
             holder,
+            lease: None,
         })
+    }
+}
+
+/// Take the lease of `activity`; a writer waits while a maintenance lease
+/// is held (see the module documentation).
+fn lease_for(
+    backend: Arc<dyn Backend>,
+    activity: Activity,
+    what: &str,
+    mountpoint: Option<String>,
+) -> Result<Lease> {
+    let deadline = std::time::Instant::now() + MAINTENANCE_WAIT;
+    let mut told = false;
+    loop {
+        let lease = Lease::take(backend.clone(), activity.as_str(), what, mountpoint.clone())?;
+        if !activity.is_writer() {
+            return Ok(lease);
+        }
+        let busy = lease::list(backend.as_ref())?
+            .into_iter()
+            .find(|l| l.kind == "maintenance" && !l.is_stale());
+        let Some(holder) = busy else {
+            return Ok(lease);
+        };
+        drop(lease);
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Busy(format!(
+                "{what}: {holder} has held the repository for too long"
+            )));
+        }
+        if !told {
+            log::warn!("{what}: waiting for {holder} to finish");
+            told = true;
+        }
+        // Polling the bucket: there is nothing to wait on across hosts.
+        std::thread::sleep(Duration::from_secs(2));
     }
 }
 
@@ -131,14 +227,24 @@ pub fn holders(root: &Path) -> Result<Vec<Holder>> {
 }
 
 /// The one maintenance operation (forget, prune, gc, repair) at a time.
-#[derive(Debug)]
 pub struct MaintenanceLock {
     _file: File,
+    _lease: Option<Lease>,
 }
 
 impl MaintenanceLock {
-    /// Take the lock or fail at once, naming the process that holds it.
-    pub fn acquire(root: &Path, what: &str) -> Result<Self> {
+    /// Take the lock (on this host, and the maintenance lease on object
+    /// storage) or fail at once, naming who holds it.
+    pub fn acquire(repo: &Repository, what: &str) -> Result<Self> {
+        let mut lock = Self::local(repo.home(), what)?;
+        if let Some(backend) = repo.shared_backend() {
+            lock._lease = Some(Lease::maintenance(backend, what)?);
+        }
+        Ok(lock)
+    }
+
+    /// The lock on this host only.
+    pub fn local(root: &Path, what: &str) -> Result<Self> {
         let path = locks_dir(root)?.join("maintenance.lock");
         let mut file = OpenOptions::new()
             .read(true)
@@ -162,7 +268,10 @@ impl MaintenanceLock {
         file.set_len(0)
             .ctx(|| format!("truncate {}", path.display()))?;
         let _ = write!(file, "pid {} ({what})", std::process::id());
-        Ok(MaintenanceLock { _file: file })
+        Ok(MaintenanceLock {
+            _file: file,
+            _lease: None,
+        })
     }
 }
 
@@ -179,20 +288,20 @@ mod tests {
     #[test]
     fn registrations_and_maintenance() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Registration::new(dir.path(), Activity::Backup, "backup a").unwrap();
-        let _b = Registration::new(dir.path(), Activity::Mount, "mount /m").unwrap();
+        let a = Registration::local(dir.path(), Activity::Backup, "backup a").unwrap();
+        let _b = Registration::local(dir.path(), Activity::Mount, "mount /m").unwrap();
         assert_eq!(holders(dir.path()).unwrap().len(), 2);
         drop(a);
         let left = holders(dir.path()).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].activity, Activity::Mount);
 
-        let m = MaintenanceLock::acquire(dir.path(), "gc").unwrap();
+        let m = MaintenanceLock::local(dir.path(), "gc").unwrap();
         // flock locks belong to the open file description: a second open in
         // the same process conflicts, as another process would.
-        let err = MaintenanceLock::acquire(dir.path(), "prune").unwrap_err();
+        let err = MaintenanceLock::local(dir.path(), "prune").err().unwrap();
         assert!(err.to_string().contains("(gc) is running"), "{err}");
         drop(m);
-        MaintenanceLock::acquire(dir.path(), "prune").unwrap();
+        MaintenanceLock::local(dir.path(), "prune").unwrap();
     }
 }

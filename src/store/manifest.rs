@@ -4,19 +4,16 @@
 //! image map, which can be recomputed from the parents. It is the source for
 //! `repair --rebuild-catalog` (invariant 8).
 
-use std::fs;
-use std::path::{Path, PathBuf};
-
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::model::chunk_id::ChunkId;
 use crate::model::extent::{ByteRange, Extent, ExtentDoc, ExtentKind, EXTENTS_FORMAT};
 use crate::model::image_map::{ImageMap, Segment};
 use crate::model::name::{DiskName, SnapshotId};
 use crate::model::snapshot::{format_time, parse_time, SnapshotInfo, SnapshotKind};
+use crate::store::backend::{Backend, ObjectInfo};
 use crate::store::crypto::{from_hex, to_hex, Keys};
-use crate::store::durable;
 
 /// The manifest format written: the own map in image map encoding 2.
 pub const MANIFEST_FORMAT: &str = "strata-manifest/2";
@@ -63,6 +60,12 @@ pub struct Manifest {
     /// Format 2: the own map, image map encoding 2, in base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub own_map: Option<String>,
+    /// The libvirt domain run (its PREFIX; the run's id is the snapshot's)
+    /// this snapshot was committed with. On object storage such a snapshot
+    /// exists only once the run's record does, which is written after all
+    /// the run's manifests: a run appears whole or not at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 impl Manifest {
@@ -84,6 +87,7 @@ impl Manifest {
             extents: Vec::new(),
             chunks: Vec::new(),
             own_map: Some(base64_encode(&own.encode())),
+            run: None,
         }
     }
 
@@ -209,8 +213,18 @@ pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-pub fn manifest_path(dir: &Path, disk: &DiskName, id: &SnapshotId) -> PathBuf {
-    dir.join(disk.as_str()).join(format!("{id}.json"))
+/// Manifests live under this prefix: `manifests/<disk>/<id>.json`.
+pub const MANIFESTS_PREFIX: &str = "manifests/";
+
+pub fn manifest_key(disk: &DiskName, id: &SnapshotId) -> String {
+    format!("{MANIFESTS_PREFIX}{disk}/{id}.json")
+}
+
+/// The snapshot a manifest key names, if it names one.
+pub fn parse_key(key: &str) -> Option<(DiskName, SnapshotId)> {
+    let rest = key.strip_prefix(MANIFESTS_PREFIX)?.strip_suffix(".json")?;
+    let (disk, id) = rest.rsplit_once('/')?;
+    Some((DiskName::parse(disk).ok()?, SnapshotId::parse(id).ok()?))
 }
 
 /// An encrypted repository's manifest file: only the name of the snapshot
@@ -226,42 +240,63 @@ struct SealedManifest {
 
 pub const SEALED_FORMAT: &str = "strata-sealed-manifest/1";
 
-/// Write a manifest durably: temporary file, fsync, rename, fsync the
-/// directory. With `keys`, sealed.
+/// Write a manifest whole and durably (with `keys`, sealed). Writing it
+/// is what commits a snapshot: see `store::repo`.
 pub fn write(
-    dir: &Path,
+    backend: &dyn Backend,
     m: &Manifest,
     disk: &DiskName,
     id: &SnapshotId,
     keys: Option<&Keys>,
-) -> Result<PathBuf> {
-    let path = manifest_path(dir, disk, id);
-    // Compact, not pretty: a full backup of a large disk lists tens of
-    // thousands of chunks, and indentation would double the file.
-    let mut body = serde_json::to_vec(m).expect("manifest serializes");
-    if let Some(keys) = keys {
-        let sealed = SealedManifest {
-            format: SEALED_FORMAT.into(),
-            disk: disk.to_string(),
-            snapshot: id.to_string(),
-            sealed: to_hex(&keys.seal_manifest(&format!("{disk}@{id}"), &body)?),
-        };
-        body = serde_json::to_vec_pretty(&sealed).expect("sealed manifest serializes");
-    }
-    durable::replace(&path, &body)?;
-    Ok(path)
+) -> Result<()> {
+    backend.put(&manifest_key(disk, id), &encode(m, disk, id, keys)?)
 }
 
-/// Read a manifest (opening it with `keys` in an encrypted repository) and
-/// check that it describes the snapshot its path names: a manifest copied
-/// over another's is damage.
-pub fn read(path: &Path, keys: Option<&Keys>) -> Result<Manifest> {
-    let bad = |m: String| Error::invalid(format!("{}: {m}", path.display()));
-    let body = fs::read(path).ctx(|| format!("read {}", path.display()))?;
+/// The stored form of a manifest: compact JSON, or its sealed wrapper.
+pub fn encode(
+    m: &Manifest,
+    disk: &DiskName,
+    id: &SnapshotId,
+    keys: Option<&Keys>,
+) -> Result<Vec<u8>> {
+    // Compact, not pretty: a full backup of a large disk lists tens of
+    // thousands of chunks, and indentation would double the file.
+    let body = serde_json::to_vec(m).expect("manifest serializes");
+    let Some(keys) = keys else {
+        return Ok(body);
+    };
+    let sealed = SealedManifest {
+        format: SEALED_FORMAT.into(),
+        disk: disk.to_string(),
+        snapshot: id.to_string(),
+        sealed: to_hex(&keys.seal_manifest(&format!("{disk}@{id}"), &body)?),
+    };
+    Ok(serde_json::to_vec_pretty(&sealed).expect("sealed manifest serializes"))
+}
+
+/// Read the manifest of `disk@id` (opening it with `keys` in an encrypted
+/// repository); `Error::SnapshotNotFound` when it does not exist.
+pub fn read(
+    backend: &dyn Backend,
+    disk: &DiskName,
+    id: &SnapshotId,
+    keys: Option<&Keys>,
+) -> Result<Manifest> {
+    let key = manifest_key(disk, id);
+    let body = backend
+        .get(&key)?
+        .ok_or_else(|| Error::SnapshotNotFound(format!("{disk}@{id}")))?;
+    decode(&key, &body, keys)
+}
+
+/// Parse a stored manifest and check that it describes the snapshot its
+/// key names: a manifest copied over another's is damage.
+pub fn decode(key: &str, body: &[u8], keys: Option<&Keys>) -> Result<Manifest> {
+    let bad = |m: String| Error::invalid(format!("{key}: {m}"));
     let body = match keys {
-        None => body,
+        None => body.to_vec(),
         Some(keys) => {
-            let sealed: SealedManifest = serde_json::from_slice(&body)
+            let sealed: SealedManifest = serde_json::from_slice(body)
                 .map_err(|e| bad(format!("not a sealed manifest: {e}")))?;
             let what = format!("{}@{}", sealed.disk, sealed.snapshot);
             let bytes = from_hex(&sealed.sealed).ok_or_else(|| bad("malformed seal".into()))?;
@@ -271,7 +306,7 @@ pub fn read(path: &Path, keys: Option<&Keys>) -> Result<Manifest> {
     };
     let m: Manifest =
         serde_json::from_slice(&body).map_err(|e| bad(format!("malformed manifest: {e}")))?;
-    if !path.ends_with(format!("{}/{}.json", m.disk, m.snapshot)) {
+    if key != format!("{MANIFESTS_PREFIX}{}/{}.json", m.disk, m.snapshot) {
         return Err(bad(format!(
             "holds the manifest of {}@{}, not of the snapshot its path names",
             m.disk, m.snapshot
@@ -280,25 +315,9 @@ pub fn read(path: &Path, keys: Option<&Keys>) -> Result<Manifest> {
     Ok(m)
 }
 
-/// Every file under the manifests directory.
-pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    walk(dir, &mut out)?;
-    out.sort();
-    Ok(out)
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for entry in fs::read_dir(dir).ctx(|| format!("list {}", dir.display()))? {
-        let entry = entry.ctx(|| format!("list {}", dir.display()))?;
-        let ft = entry.file_type().ctx(|| "file type".into())?;
-        if ft.is_dir() {
-            walk(&entry.path(), out)?;
-        } else {
-            out.push(entry.path());
-        }
-    }
-    Ok(())
+/// Every object under `manifests/`: manifests and leftovers.
+pub fn list(backend: &dyn Backend) -> Result<Vec<ObjectInfo>> {
+    backend.list(MANIFESTS_PREFIX)
 }
 
 #[cfg(test)]

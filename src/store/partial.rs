@@ -793,9 +793,9 @@ mod tests {
     fn encrypted_repositories_keep_partials_outside() {
         let dir = tempfile::tempdir().unwrap();
         let plain = Repository::init(&dir.path().join("plain"), None).unwrap();
-        assert_eq!(home(&plain), plain.root());
+        assert_eq!(home(&plain), plain.home());
         let enc = Repository::init(&dir.path().join("enc"), Some("pass")).unwrap();
-        assert!(!partials_dir(&home(&enc)).starts_with(enc.root()));
+        assert!(!partials_dir(&home(&enc)).starts_with(enc.home()));
     }
 
     #[test]

@@ -13,108 +13,104 @@
 //! open fails because the snapshot is gone.
 
 use std::collections::HashSet;
-use std::fs;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 use crate::model::chunk_id::ChunkId;
 use crate::model::image_map::ImageMap;
-use crate::store::lock::{Activity, Holder};
+use crate::store::backend::Backend;
+use crate::store::lock::Registration;
+use crate::store::repo::Repository;
 
-fn pins_dir(root: &Path) -> PathBuf {
-    root.join("pins")
-}
+const PINS: &str = "pins/";
 
-fn dir_name(holder: &Holder) -> String {
-    format!("{}.{}", holder.pid, (holder.started * 1e6) as u64)
-}
-
-/// One mount's pins; the directory goes when this is dropped.
-#[derive(Debug)]
+/// One mount's pins, `pins/<name>/<n>.map`; they go when this is dropped.
 pub struct PinDir {
-    dir: PathBuf,
+    backend: Arc<dyn Backend>,
+    prefix: String,
+}
+
+impl std::fmt::Debug for PinDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PinDir({})", self.prefix)
+    }
 }
 
 impl PinDir {
-    /// The pin directory of the mount registered as `holder`.
-    pub fn create(root: &Path, holder: &Holder) -> Result<Self> {
-        let dir = pins_dir(root).join(dir_name(holder));
-        fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
-        Ok(PinDir { dir })
+    /// The pins of the mount registered as `registration`: beside the
+    /// repository's leases (in the bucket) on object storage, else in the
+    /// repository directory.
+    pub fn create(repo: &Repository, registration: &Registration) -> Result<Self> {
+        Ok(Self::under(repo.backend_arc(), &registration.pin_name()))
     }
 
-    fn path(&self, key: u64) -> PathBuf {
-        self.dir.join(format!("{key}.map"))
+    fn under(backend: Arc<dyn Backend>, name: &str) -> Self {
+        PinDir {
+            backend,
+            prefix: format!("{PINS}{name}/"),
+        }
+    }
+
+    fn key(&self, key: u64) -> String {
+        format!("{}{key}.map", self.prefix)
     }
 
     /// Keep the chunks of `map` from gc under `key` until [`unpin`](Self::unpin).
+    /// Written whole: gc never reads half a map.
     pub fn pin(&self, key: u64, map: &ImageMap) -> Result<()> {
         self.pin_encoded(key, &map.encode())
     }
 
     /// [`pin`](Self::pin) a map given in its binary encoding
-    /// ([`ImageMap::encode`]).
+    /// ([`ImageMap::encode`]; `CompactMap::encode` writes the same bytes).
     pub fn pin_encoded(&self, key: u64, encoded: &[u8]) -> Result<()> {
-        let path = self.path(key);
-        let tmp = path.with_extension("tmp");
-        // Whole or absent under its name: gc must never read half a map.
-        fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, encoded))
-            .ctx(|| format!("write {}", tmp.display()))?;
-        fs::rename(&tmp, &path).ctx(|| format!("rename {}", tmp.display()))
+        self.backend.put(&self.key(key), encoded)
     }
 
     pub fn unpin(&self, key: u64) {
-        let _ = fs::remove_file(self.path(key));
+        let _ = self.backend.delete(&self.key(key));
     }
 }
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
+        if let Ok(pins) = self.backend.list(&self.prefix) {
+            for p in pins {
+                let _ = self.backend.delete(&p.key);
+            }
+        }
+        if let Some(root) = self.backend.local_root() {
+            let _ = std::fs::remove_dir(root.join(self.prefix.trim_end_matches('/')));
+        }
     }
 }
 
-/// The chunks pinned by the live mounts among `holders`; directories of
-/// mounts that are gone are removed.
-pub fn pinned_chunks(root: &Path, holders: &[Holder]) -> Result<HashSet<ChunkId>> {
-    let live: HashSet<String> = holders
-        .iter()
-        .filter(|h| h.activity == Activity::Mount)
-        .map(dir_name)
-        .collect();
-    let dir = pins_dir(root);
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
-        Err(e) => return Err(crate::Error::io(format!("list {}", dir.display()), e)),
-    };
+/// The chunks pinned by the live holders named in `live` (see
+/// [`Registration::pin_name`]); pins of holders that are gone are removed.
+pub fn pinned_chunks(backend: &dyn Backend, live: &HashSet<String>) -> Result<HashSet<ChunkId>> {
     let mut chunks = HashSet::new();
-    for entry in entries {
-        let path = entry.ctx(|| format!("list {}", dir.display()))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let mut dead_dirs = HashSet::new();
+    for pin in backend.list(PINS)? {
+        let Some((name, file)) = pin.key[PINS.len()..].split_once('/') else {
+            continue;
+        };
         if !live.contains(name) {
-            let _ = fs::remove_dir_all(&path);
+            backend.delete(&pin.key)?;
+            dead_dirs.insert(name.to_string());
             continue;
         }
-        for pin in fs::read_dir(&path).ctx(|| format!("list {}", path.display()))? {
-            let pin = pin.ctx(|| format!("list {}", path.display()))?.path();
-            if pin.extension().is_none_or(|e| e != "map") {
-                continue;
-            }
-            let bytes = match fs::read(&pin) {
-                Ok(b) => b,
-                // Unpinned since the listing: the image was closed.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(crate::Error::io(format!("read {}", pin.display()), e)),
-            };
-            chunks.extend(ImageMap::decode(&bytes)?.chunks());
+        if !file.ends_with(".map") {
+            continue;
+        }
+        // Unpinned since the listing: the image was closed.
+        let Some(bytes) = backend.get(&pin.key)? else {
+            continue;
+        };
+        chunks.extend(ImageMap::decode(&bytes)?.chunks());
+    }
+    if let Some(root) = backend.local_root() {
+        for name in dead_dirs {
+            let _ = std::fs::remove_dir(root.join(PINS).join(name));
         }
     }
     Ok(chunks)
@@ -129,27 +125,26 @@ mod tests {
     #[test]
     fn pins_of_live_mounts_count_and_dead_ones_go() {
         let root = tempfile::tempdir().unwrap();
-        let holder = |pid, activity| Holder {
-            pid,
-            activity,
-            what: String::new(),
-            started: 1000.5,
-        };
-        let (live, dead) = (holder(1, Activity::Mount), holder(2, Activity::Mount));
+        let backend: Arc<dyn Backend> =
+            Arc::new(crate::store::backend::dir::DirBackend::new(root.path()));
         let a = ChunkId::of(b"a");
         let b = ChunkId::of(b"b");
         let map = |id| ImageMap::new(1 << 20, vec![Segment::data(ByteRange::new(0, 4096), id, 0)]);
-        let pins = PinDir::create(root.path(), &live).unwrap();
+        let pins = PinDir::under(backend.clone(), "1.1000");
         pins.pin(7, &map(a)).unwrap();
-        let stale = PinDir::create(root.path(), &dead).unwrap();
+        let stale = PinDir::under(backend.clone(), "2.1000");
         stale.pin(1, &map(b)).unwrap();
         std::mem::forget(stale); // as if its process had died
-        let got = pinned_chunks(root.path(), std::slice::from_ref(&live)).unwrap();
+        let live = HashSet::from(["1.1000".to_string()]);
+        let got = pinned_chunks(backend.as_ref(), &live).unwrap();
         assert_eq!(got, HashSet::from([a]));
-        assert!(!root.path().join("pins").join(dir_name(&dead)).exists());
+        assert!(!root.path().join("pins/2.1000").exists());
         pins.unpin(7);
-        assert!(pinned_chunks(root.path(), &[live]).unwrap().is_empty());
+        assert!(pinned_chunks(backend.as_ref(), &live).unwrap().is_empty());
         drop(pins);
-        assert_eq!(fs::read_dir(root.path().join("pins")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(root.path().join("pins")).unwrap().count(),
+            0
+        );
     }
 }

@@ -1,13 +1,23 @@
-//! The repository: a directory holding the catalog, the chunk store and the
-//! manifests, and the one place where snapshots are committed.
+//! The repository: the chunk store, the manifests and the keys in a
+//! [`Backend`] (a directory or an S3 bucket prefix), the catalog and other
+//! host-local state in its *home*, and the one place where snapshots are
+//! committed.
 //!
 //! ```text
-//! <repo>/config.json         format and chunking parameters
-//! <repo>/catalog.db          SQLite catalog (+ -wal, -shm)
-//! <repo>/chunks/xx/<hash>    content-addressed chunks
-//! <repo>/manifests/<disk>/<id>.json
-//! <repo>/lock, locks/<pid>   see `lock`
+//! config.json                format and chunking parameters
+//! chunks/xx/<hash>           content-addressed chunks
+//! manifests/<disk>/<id>.json one per snapshot: the truth the catalog is built from
+//! keys/<id>.json             an encrypted repository's wrapped master key
+//! damaged/<hash>             see `quarantine`
+//! leases/…                   an object store's leases, see `lease`
 //! ```
+//!
+//! The home is the repository directory itself for a local repository;
+//! for one on object storage it is this host's cache directory for it
+//! (`--cache-dir`), holding `catalog.db`, a chunk cache, `locks/`, `pins/`,
+//! `tmp/` and `partial/`. There the catalog is a cache: it is brought up
+//! to date with the manifests in the bucket each time the repository is
+//! opened ([`Repository::refresh`]), and deleting it loses nothing.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -23,11 +33,14 @@ use crate::model::extent::{merge_touching, ByteRange};
 use crate::model::image_map::{ImageMap, Piece};
 use crate::model::name::{DiskName, Selector, SnapshotId, SnapshotRef};
 use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
+use crate::store::backend::{Backend, Location};
 use crate::store::catalog::{Catalog, SnapshotRecord, Writer};
-use crate::store::chunk::ChunkStore;
+use crate::store::chunk::LocalChunks;
+use crate::store::chunk_store::ChunkStore;
 use crate::store::crypto::{self, Keys};
 use crate::store::keys;
 use crate::store::manifest::{self, Manifest};
+use crate::store::object_chunks::ObjectChunks;
 
 pub const REPO_FORMAT: &str = "strata-repo/1";
 
@@ -72,9 +85,13 @@ impl Default for Config {
 }
 
 pub struct Repository {
-    root: PathBuf,
+    location: Location,
+    backend: Arc<dyn Backend>,
+    /// Host-local state: the repository directory, or this host's cache
+    /// directory for a repository on object storage.
+    home: PathBuf,
     config: Config,
-    chunks: ChunkStore,
+    chunks: Box<dyn ChunkStore>,
     catalog: Mutex<Catalog>,
     keys: Option<Arc<Keys>>,
     /// The key file the passphrase opened.
@@ -126,44 +143,62 @@ impl NewSnapshot {
 }
 
 /// The repository's `config.json`, checked.
-pub fn read_config(root: &Path) -> Result<Config> {
-    let cfg_path = root.join("config.json");
-    let body = fs::read(&cfg_path)
-        .map_err(|e| Error::NotARepository(root.to_path_buf(), e.to_string()))?;
+pub fn read_config(backend: &dyn Backend) -> Result<Config> {
+    let where_ = || PathBuf::from(backend.describe());
+    let body = backend
+        .get("config.json")?
+        .ok_or_else(|| Error::NotARepository(where_(), "it has no config.json".into()))?;
     let config: Config = serde_json::from_slice(&body)
-        .map_err(|e| Error::NotARepository(root.to_path_buf(), e.to_string()))?;
+        .map_err(|e| Error::NotARepository(where_(), e.to_string()))?;
     if config.format != REPO_FORMAT {
         return Err(Error::NotARepository(
-            root.to_path_buf(),
+            where_(),
             format!("unknown format {:?}", config.format),
         ));
     }
     if config.chunk_size == 0 || config.chunk_size > crate::store::chunk::MAX_CHUNK_SIZE as u64 {
         return Err(Error::NotARepository(
-            root.to_path_buf(),
+            where_(),
             format!("bad chunk_size {}", config.chunk_size),
         ));
     }
     match &config.encryption {
         Some(e) if *e != Encryption::current() => Err(Error::NotARepository(
-            root.to_path_buf(),
+            where_(),
             format!("unknown encryption {e:?}"),
         )),
         _ => Ok(config),
     }
 }
 
+/// This host's cache directory: `STRATA_CACHE_DIR` (`--cache-dir`), else
+/// `$XDG_CACHE_HOME/strata`, else `~/.cache/strata`.
+pub fn cache_base() -> PathBuf {
+    std::env::var_os("STRATA_CACHE_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("strata")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/strata")))
+        .unwrap_or_else(|| std::env::temp_dir().join("strata"))
+}
+
+/// This host's cache directory for the repository `backend` describes.
+pub fn cache_home(backend: &dyn Backend) -> PathBuf {
+    let tag = blake3::hash(backend.describe().as_bytes()).to_hex();
+    cache_base().join(&tag[..16])
+}
+
 /// The keys of an encrypted repository (and the id of the key file that
 /// opened), or `None` for a plain one.
 pub fn unlock(
-    root: &Path,
+    backend: &dyn Backend,
     config: &Config,
     passphrase: PassphraseSource,
 ) -> Result<Option<(Arc<Keys>, String)>> {
     if config.encryption.is_none() {
         return Ok(None);
     }
-    let (master, id) = keys::unlock(root, &passphrase()?)?;
+    let (master, id) = keys::unlock(backend, &passphrase()?)?;
     Ok(Some((Arc::new(Keys::from_master(&master)), id)))
 }
 
@@ -171,39 +206,44 @@ impl Repository {
     /// Create a repository in `root`, which must be missing or empty; with
     /// a passphrase, an encrypted one.
     pub fn init(root: &Path, passphrase: Option<&str>) -> Result<Self> {
-        if root.exists() {
-            let mut entries = fs::read_dir(root).ctx(|| format!("read {}", root.display()))?;
-            if entries.next().is_some() {
-                return Err(Error::invalid(format!(
-                    "{} is not empty; refusing to create a repository there (choose a new or empty directory)",
-                    root.display()
-                )));
+        Self::init_at(&Location::Dir(root.to_path_buf()), passphrase)
+    }
+
+    /// Create a repository at `location`: a missing or empty directory, or
+    /// an S3 prefix that holds no objects (the bucket is created if it is
+    /// missing).
+    pub fn init_at(location: &Location, passphrase: Option<&str>) -> Result<Self> {
+        let backend = location.open(true)?;
+        match backend.local_root() {
+            Some(root) => init_dir(root)?,
+            None => {
+                if !backend.list("")?.is_empty() {
+                    return Err(Error::invalid(format!(
+                        "{location} already holds objects; refusing to create a repository there (choose a new prefix)"
+                    )));
+                }
             }
-        }
-        fs::create_dir_all(root).ctx(|| format!("create {}", root.display()))?;
-        fs::set_permissions(root, fs::Permissions::from_mode(0o700))
-            .ctx(|| format!("chmod {}", root.display()))?;
-        ChunkStore::create_layout(&root.join("chunks"))?;
-        for dir in ["manifests", "locks", "tmp", "damaged"] {
-            fs::create_dir_all(root.join(dir)).ctx(|| format!("create {dir}"))?;
         }
         let mut config = Config::default();
         if let Some(passphrase) = passphrase {
             let mut master = [0u8; 32];
             crypto::random(&mut master)?;
-            keys::create(root, &master, passphrase)?;
+            keys::create(backend.as_ref(), &master, passphrase)?;
             config.encryption = Some(Encryption::current());
         }
-        Catalog::open(&root.join("catalog.db"))?;
         let body = serde_json::to_vec_pretty(&config).expect("config serializes");
-        // The config is written last: its presence marks a complete repository.
-        let tmp = root.join("config.json.tmp");
-        fs::write(&tmp, body).ctx(|| "write config.json".into())?;
-        fs::rename(&tmp, root.join("config.json")).ctx(|| "rename config.json".into())?;
-        crate::store::durable::fsync_dir(root)?;
+        // The config is written last: its presence marks a complete
+        // repository. Create-only: of two inits racing, one wins.
+        if !backend.put_new("config.json", &body)? {
+            return Err(Error::invalid(format!(
+                "{location} was created by another process meanwhile"
+            )));
+        }
+        let open =
+            |p: &str| Self::open_backend(location.clone(), backend.clone(), &|| Ok(p.to_string()));
         match passphrase {
-            Some(p) => Self::open_with(root, &|| Ok(p.to_string())),
-            None => Self::open(root),
+            Some(p) => open(p),
+            None => Self::open_backend(location.clone(), backend.clone(), &no_passphrase),
         }
     }
 
@@ -213,28 +253,96 @@ impl Repository {
         Self::open_with(root, &no_passphrase)
     }
 
-    /// Open a repository, asking `passphrase` if it is encrypted.
+    /// Open a repository directory, asking `passphrase` if it is encrypted.
     pub fn open_with(root: &Path, passphrase: PassphraseSource) -> Result<Self> {
-        let config = read_config(root)?;
-        let unlocked = unlock(root, &config, passphrase)?;
-        let catalog = Catalog::open(&root.join("catalog.db"))?;
+        Self::open_at(&Location::Dir(root.to_path_buf()), passphrase)
+    }
+
+    /// Open the repository at `location`, asking `passphrase` if it is
+    /// encrypted. A repository on object storage brings this host's
+    /// catalog up to date first.
+    pub fn open_at(location: &Location, passphrase: PassphraseSource) -> Result<Self> {
+        let backend = location.open(false)?;
+        Self::open_backend(location.clone(), backend, passphrase)
+    }
+
+    fn open_backend(
+        location: Location,
+        backend: Arc<dyn Backend>,
+        passphrase: PassphraseSource,
+    ) -> Result<Self> {
+        let config = read_config(backend.as_ref())?;
+        let unlocked = unlock(backend.as_ref(), &config, passphrase)?;
         let (keys, key_id) = match unlocked {
             Some((keys, id)) => (Some(keys), Some(id)),
             None => (None, None),
         };
-        Ok(Repository {
-            root: root.to_path_buf(),
-            chunks: ChunkStore::new(
-                root.join("chunks"),
-                root.join("damaged"),
-                config.zstd_level,
-                keys.clone(),
+        let (home, chunks): (PathBuf, Box<dyn ChunkStore>) = match backend.local_root() {
+            Some(root) => (
+                root.to_path_buf(),
+                Box::new(LocalChunks::new(
+                    root.join("chunks"),
+                    root.join("damaged"),
+                    config.zstd_level,
+                    keys.clone(),
+                )),
             ),
+            None => {
+                let home = cache_home(backend.as_ref());
+                fs::create_dir_all(&home).ctx(|| format!("create {}", home.display()))?;
+                let chunks =
+                    ObjectChunks::new(backend.clone(), &home, config.zstd_level, keys.clone())?;
+                (home, Box::new(chunks))
+            }
+        };
+        let catalog = Catalog::open(&home.join("catalog.db"))?;
+        let repo = Repository {
+            location,
+            backend,
+            home,
+            chunks,
             config,
             catalog: Mutex::new(catalog),
             keys,
             key_id,
-        })
+        };
+        if repo.is_remote() {
+            repo.refresh()?;
+        }
+        Ok(repo)
+    }
+
+    /// Where the repository is, as `--repo` names it.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    pub fn backend_arc(&self) -> Arc<dyn Backend> {
+        self.backend.clone()
+    }
+
+    /// The backend of a repository on object storage, which holds leases.
+    pub fn shared_backend(&self) -> Option<Arc<dyn Backend>> {
+        self.is_remote().then(|| self.backend.clone())
+    }
+
+    /// Whether the repository is on object storage (its catalog a cache).
+    pub fn is_remote(&self) -> bool {
+        self.backend.local_root().is_none()
+    }
+
+    /// Bring a cached catalog up to date with the manifests in the bucket;
+    /// true when anything changed. A local repository's catalog is the
+    /// truth already.
+    pub fn refresh(&self) -> Result<bool> {
+        if !self.is_remote() {
+            return Ok(false);
+        }
+        crate::store::catalog_sync::sync(self)
     }
 
     /// Where scratch files (receive's staging file) go: `tmp/` under
@@ -244,25 +352,19 @@ impl Repository {
     }
 
     /// Where this host keeps what a push wrote before it is chunked: the
-    /// repository, except for an encrypted one, which must hold no disk
-    /// content in clear: there, this host's cache directory
-    /// (`STRATA_CACHE_DIR`, else `$XDG_CACHE_HOME/strata`, else
-    /// `~/.cache/strata`), under a name derived from the repository's path.
+    /// home, except for an encrypted local repository, which must hold no
+    /// disk content in clear: there, this host's cache directory
+    /// ([`cache_base`]), under a name derived from the repository's path.
     pub fn scratch_root(&self) -> PathBuf {
-        if self.keys.is_none() {
-            return self.root.clone();
+        if self.keys.is_none() || self.is_remote() {
+            return self.home.clone();
         }
-        let base = std::env::var_os("STRATA_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("strata")))
-            .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/strata")))
-            .unwrap_or_else(|| std::env::temp_dir().join("strata"));
         let root = self
-            .root
+            .home
             .canonicalize()
-            .unwrap_or_else(|_| self.root.clone());
+            .unwrap_or_else(|_| self.home.clone());
         let tag = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
-        base.join(&tag[..16])
+        cache_base().join(&tag[..16])
     }
 
     /// The keys of an encrypted repository.
@@ -275,20 +377,18 @@ impl Repository {
         self.key_id.as_deref()
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Host-local state (see the module's documentation): the repository
+    /// directory, or this host's cache directory for the repository.
+    pub fn home(&self) -> &Path {
+        &self.home
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    pub fn chunks(&self) -> &ChunkStore {
-        &self.chunks
-    }
-
-    pub fn manifests_dir(&self) -> PathBuf {
-        self.root.join("manifests")
+    pub fn chunks(&self) -> &dyn ChunkStore {
+        self.chunks.as_ref()
     }
 
     pub fn catalog(&self) -> std::sync::MutexGuard<'_, Catalog> {
@@ -310,6 +410,17 @@ impl Repository {
                 .get(&r.disk, id)?
                 .ok_or_else(|| Error::SnapshotNotFound(r.to_string())),
         }
+    }
+
+    /// Whether `info` still exists: after a pin (see `store::pins`), the
+    /// check that gc cannot have missed both. Asks the truth: the catalog
+    /// here, the manifest in the bucket on object storage.
+    pub fn still_exists(&self, info: &SnapshotInfo) -> Result<bool> {
+        if self.is_remote() {
+            let key = manifest::manifest_key(&info.disk, &info.id);
+            return Ok(self.backend.head(&key)?.is_some());
+        }
+        Ok(self.catalog().get(&info.disk, &info.id)?.is_some())
     }
 
     /// The snapshot's own map and its resolved image map.
@@ -351,10 +462,7 @@ impl Repository {
     }
 
     pub fn manifest(&self, info: &SnapshotInfo) -> Result<Manifest> {
-        manifest::read(
-            &manifest::manifest_path(&self.manifests_dir(), &info.disk, &info.id),
-            self.keys(),
-        )
+        manifest::read(self.backend(), &info.disk, &info.id, self.keys())
     }
 
     /// Make a snapshot copied from another repository visible under its own
@@ -363,7 +471,6 @@ impl Repository {
     /// snapshot that exists already under that `DISK@ID` is an error.
     pub fn import(&self, info: &SnapshotInfo, own: &ImageMap) -> Result<()> {
         self.sync()?;
-        let manifests = self.manifests_dir();
         self.catalog().write(|w| {
             if w.exists(&info.disk, &info.id)? {
                 return Err(Error::invalid(format!(
@@ -372,13 +479,7 @@ impl Repository {
                 )));
             }
             let image = keyframe_image(w, &info.disk, info.parent.as_ref(), own)?;
-            manifest::write(
-                &manifests,
-                &Manifest::new(info, own),
-                &info.disk,
-                &info.id,
-                self.keys(),
-            )?;
+            self.create_manifest(&Manifest::new(info, own), info)?;
             crate::testhook::pause("import:manifest-written");
             w.insert(&SnapshotRecord {
                 info: info.clone(),
@@ -388,9 +489,36 @@ impl Repository {
         })
     }
 
-    /// Flush everything written to the repository's file system.
+    /// Write the manifest of `info` as it is committed. On object storage
+    /// the manifest is the commit, and it is written create-only: a
+    /// snapshot committed under the same `DISK@ID` meanwhile (by another
+    /// host) is an error, never overwritten. In a local repository the
+    /// catalog row is the commit and a manifest without one is a leftover
+    /// of a killed commit, replaced.
+    fn create_manifest(&self, m: &Manifest, info: &SnapshotInfo) -> Result<()> {
+        if !self.is_remote() {
+            return manifest::write(self.backend(), m, &info.disk, &info.id, self.keys());
+        }
+        let body = manifest::encode(m, &info.disk, &info.id, self.keys())?;
+        if !self
+            .backend
+            .put_new(&manifest::manifest_key(&info.disk, &info.id), &body)?
+        {
+            return Err(Error::invalid(format!(
+                "{} exists in the repository already (committed by another process)",
+                info.reference()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Make everything written to a local repository durable (objects in
+    /// a bucket are durable once written).
     pub fn sync(&self) -> Result<()> {
-        let dir = fs::File::open(&self.root).ctx(|| format!("open {}", self.root.display()))?;
+        let Some(root) = self.backend.local_root() else {
+            return Ok(());
+        };
+        let dir = fs::File::open(root).ctx(|| format!("open {}", root.display()))?;
         // SAFETY: syncfs on a descriptor we own.
         if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
             return Err(Error::io("syncfs", std::io::Error::last_os_error()));
@@ -400,15 +528,19 @@ impl Repository {
 
     /// Make a snapshot visible. Its chunks are flushed first, then its
     /// manifest is written durably, and only then the catalog row appears.
-    /// Commit several snapshots (of different disks) as one group: they
-    /// share one id and appear together, in one catalog transaction, or
-    /// not at all. `before_rows` runs inside that transaction once the id
-    /// is chosen and before any row is inserted (callers write what
-    /// describes the group there; if it fails, nothing is committed).
+    /// Commit several snapshots (of different disks) as one group, the
+    /// disks of libvirt domain run `run` (its prefix): they share one id
+    /// and appear together or not at all. `before_rows` writes what
+    /// describes the group (the run's record) once the id is chosen; if it
+    /// fails, nothing is committed. In a local repository all rows go in
+    /// one catalog transaction, after `before_rows`; on object storage the
+    /// manifests are written first and the record last, since the record
+    /// is what makes the run's snapshots exist there (see `catalog_sync`).
     /// The id's sequence number is the next free one on every disk.
     pub fn commit_group(
         &self,
         news: Vec<NewSnapshot>,
+        run: &str,
         before_rows: &dyn Fn(&SnapshotId) -> Result<()>,
     ) -> Result<Vec<SnapshotInfo>> {
         let Some(first) = news.first() else {
@@ -419,7 +551,6 @@ impl Repository {
             return Err(Error::invalid("snapshots of one group must share one time"));
         }
         self.sync()?;
-        let manifests = self.manifests_dir();
         let mut cat = self.catalog();
         cat.write(|w| {
             // As in `commit`: inside the transaction, each disk's keyframe
@@ -433,23 +564,24 @@ impl Repository {
                 seq = seq.max(w.next_seq(&new.disk)?);
             }
             let id = SnapshotId::new(time, seq);
-            before_rows(&id)?;
+            if !self.is_remote() {
+                before_rows(&id)?;
+            }
             let mut infos = Vec::with_capacity(news.len());
             for new in &news {
                 let info = new.info(id.clone(), time);
                 // A manifest without its row is what a crash here leaves:
                 // invisible, and `repair --rebuild-catalog` would bring
                 // back only the disks whose manifests were written.
-                manifest::write(
-                    &manifests,
-                    &Manifest::new(&info, &new.own),
-                    &info.disk,
-                    &info.id,
-                    self.keys(),
-                )?;
+                let mut m = Manifest::new(&info, &new.own);
+                m.run = Some(run.to_string());
+                self.create_manifest(&m, &info)?;
                 infos.push(info);
             }
             crate::testhook::pause("commit-group:manifests-written");
+            if self.is_remote() {
+                before_rows(&id)?;
+            }
             for (info, (new, image)) in infos.iter().zip(news.iter().zip(images)) {
                 w.insert(&SnapshotRecord {
                     info: info.clone(),
@@ -464,7 +596,6 @@ impl Repository {
     pub fn commit(&self, new: NewSnapshot) -> Result<SnapshotInfo> {
         self.sync()?;
         log::debug!("synced");
-        let manifests = self.manifests_dir();
         let mut cat = self.catalog();
         cat.write(|w| {
             // Inside the transaction, so that the chain it reads is the one
@@ -473,13 +604,7 @@ impl Repository {
             log::debug!("keyframe: {}", image.is_some());
             let seq = w.next_seq(&new.disk)?;
             let info = new.info(SnapshotId::new(new.time, seq), new.time);
-            manifest::write(
-                &manifests,
-                &Manifest::new(&info, &new.own),
-                &info.disk,
-                &info.id,
-                self.keys(),
-            )?;
+            self.create_manifest(&Manifest::new(&info, &new.own), &info)?;
             log::debug!("manifest written");
             crate::testhook::pause("commit:manifest-written");
             w.insert(&SnapshotRecord {
@@ -490,6 +615,29 @@ impl Repository {
             Ok(info)
         })
     }
+}
+
+/// Prepare a local repository's directory: missing or empty, owner-only,
+/// with the chunk store's subdirectories. The catalog and config come after.
+fn init_dir(root: &Path) -> Result<()> {
+    if root.exists() {
+        let mut entries = fs::read_dir(root).ctx(|| format!("read {}", root.display()))?;
+        if entries.next().is_some() {
+            return Err(Error::invalid(format!(
+                "{} is not empty; refusing to create a repository there (choose a new or empty directory)",
+                root.display()
+            )));
+        }
+    }
+    fs::create_dir_all(root).ctx(|| format!("create {}", root.display()))?;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o700))
+        .ctx(|| format!("chmod {}", root.display()))?;
+    LocalChunks::create_layout(&root.join("chunks"))?;
+    for dir in ["manifests", "locks", "tmp", "damaged"] {
+        fs::create_dir_all(root.join(dir)).ctx(|| format!("create {dir}"))?;
+    }
+    Catalog::open(&root.join("catalog.db"))?;
+    Ok(())
 }
 
 /// The image map a new child of `parent` with `own` must store, if the
@@ -520,14 +668,14 @@ mod tests {
     fn encrypted_scratch_files_stay_outside_the_repository() {
         let dir = tempfile::tempdir().unwrap();
         let plain = Repository::init(&dir.path().join("plain"), None).unwrap();
-        assert!(plain.scratch_dir().starts_with(plain.root()));
+        assert!(plain.scratch_dir().starts_with(plain.home()));
         let enc = Repository::init(&dir.path().join("enc"), Some("pass")).unwrap();
         assert!(!enc.scratch_dir().starts_with(dir.path().join("enc")));
         assert!(enc.key_id().is_some() && plain.key_id().is_none());
         // A plain repository opens without a passphrase; an encrypted one not.
-        assert!(Repository::open(plain.root()).is_ok());
+        assert!(Repository::open(plain.home()).is_ok());
         assert!(matches!(
-            Repository::open(enc.root()),
+            Repository::open(enc.home()),
             Err(Error::NeedPassphrase(_))
         ));
     }

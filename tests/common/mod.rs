@@ -1,6 +1,9 @@
 //! Shared helpers for the integration tests: a scratch repository, the
-//! `strata` binary, and real QEMU tools to make disks and their truths.
+//! `strata` binary, real QEMU tools to make disks and their truths, and a
+//! real S3 server ([`s3`]).
 #![allow(dead_code)]
+
+pub mod s3;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -514,8 +517,12 @@ pub fn raw_chain(env: &Env, disk: &str, size: u64, n: usize) -> Vec<(String, Pat
 pub fn manifest_chunks_json(repo: &Path, snap: &str) -> serde_json::Value {
     use strata::model::image_map::Piece;
     let (disk, id) = snap.split_once('@').unwrap();
-    let path = repo.join("manifests").join(disk).join(format!("{id}.json"));
-    let (_, own) = strata::store::manifest::read(&path, None)
+    let backend = strata::store::backend::dir::DirBackend::new(repo);
+    let (disk, id) = (
+        strata::model::name::DiskName::parse(disk).unwrap(),
+        strata::model::name::SnapshotId::parse(id).unwrap(),
+    );
+    let (_, own) = strata::store::manifest::read(&backend, &disk, &id, None)
         .unwrap()
         .decode()
         .unwrap();

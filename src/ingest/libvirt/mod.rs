@@ -342,7 +342,7 @@ pub fn backup_domain(repo: &Repository, opts: &DomainOptions) -> Result<DomainRu
     let (news, _registrations): (Vec<_>, Vec<_>) =
         captured.into_iter().map(|c| c.into_parts()).unzip();
     let saved = std::cell::RefCell::new(None);
-    let committed = repo.commit_group(news, &|id| {
+    let committed = repo.commit_group(news, &prefix, &|id| {
         let mut r = run.clone();
         r.id = id.to_string();
         record::save(repo, &r)?;

@@ -9,15 +9,12 @@
 //! repository the body is sealed like a manifest.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::model::name::{DiskName, Selector, SnapshotId, SnapshotRef};
 use crate::store::crypto::{from_hex, to_hex};
-use crate::store::durable;
 use crate::store::repo::Repository;
 
 pub const RUN_FORMAT: &str = "strata-domain-run/1";
@@ -58,12 +55,10 @@ struct Sealed {
     sealed: String,
 }
 
-fn dir(repo: &Repository) -> PathBuf {
-    repo.root().join("domains")
-}
+const DOMAINS: &str = "domains/";
 
-fn path(repo: &Repository, prefix: &str, id: &str) -> PathBuf {
-    dir(repo).join(prefix).join(format!("{id}.json"))
+fn key(prefix: &str, id: &str) -> String {
+    format!("{DOMAINS}{prefix}/{id}.json")
 }
 
 fn what(prefix: &str, id: &str) -> String {
@@ -72,7 +67,6 @@ fn what(prefix: &str, id: &str) -> String {
 
 /// Write the record durably (see `store::durable`).
 pub fn save(repo: &Repository, run: &Run) -> Result<()> {
-    let path = path(repo, &run.prefix, &run.id);
     let mut body = serde_json::to_vec_pretty(run).expect("a run serializes");
     if let Some(keys) = repo.keys() {
         let sealed = Sealed {
@@ -81,17 +75,20 @@ pub fn save(repo: &Repository, run: &Run) -> Result<()> {
         };
         body = serde_json::to_vec_pretty(&sealed).expect("a sealed run serializes");
     }
-    durable::replace(&path, &body)
+    repo.backend().put(&key(&run.prefix, &run.id), &body)
 }
 
 /// Remove a record whose run was not committed.
 pub fn discard(repo: &Repository, prefix: &str, id: &str) {
-    let _ = fs::remove_file(path(repo, prefix, id));
+    let _ = repo.backend().delete(&key(prefix, id));
 }
 
-fn read(repo: &Repository, file: &Path, prefix: &str, id: &str) -> Result<Run> {
-    let bad = |m: String| Error::invalid(format!("{}: {m}", file.display()));
-    let body = fs::read(file).ctx(|| format!("read {}", file.display()))?;
+fn read(repo: &Repository, prefix: &str, id: &str) -> Result<Option<Run>> {
+    let file = key(prefix, id);
+    let bad = |m: String| Error::invalid(format!("{file}: {m}"));
+    let Some(body) = repo.backend().get(&file)? else {
+        return Ok(None);
+    };
     let body = match repo.keys() {
         None => body,
         Some(keys) => {
@@ -106,7 +103,7 @@ fn read(repo: &Repository, file: &Path, prefix: &str, id: &str) -> Result<Run> {
     if run.prefix != prefix || run.id != id {
         return Err(bad("describes another run than its path names".into()));
     }
-    Ok(run)
+    Ok(Some(run))
 }
 
 /// Whether every disk of the run has its snapshot (the run was committed
@@ -129,42 +126,36 @@ fn visible(repo: &Repository, run: &Run) -> bool {
 
 /// The runs of PREFIX that exist, oldest first.
 pub fn runs(repo: &Repository, prefix: &str) -> Result<Vec<Run>> {
-    let d = dir(repo).join(prefix);
-    let Ok(entries) = fs::read_dir(&d) else {
-        return Ok(Vec::new());
-    };
+    runs_under(repo, &format!("{DOMAINS}{prefix}/"))
+}
+
+fn runs_under(repo: &Repository, under: &str) -> Result<Vec<Run>> {
     let mut out = Vec::new();
-    for e in entries {
-        let e = e.ctx(|| format!("list {}", d.display()))?;
-        let name = e.file_name();
-        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+    for o in repo.backend().list(under)? {
+        let Some((prefix, id)) = o
+            .key
+            .strip_prefix(DOMAINS)
+            .and_then(|k| k.strip_suffix(".json"))
+            .and_then(|k| k.split_once('/'))
+        else {
             continue;
         };
-        if SnapshotId::parse(id).is_err() {
+        if prefix.contains('/') || SnapshotId::parse(id).is_err() {
             continue;
         }
-        let run = read(repo, &e.path(), prefix, id)?;
-        if visible(repo, &run) {
-            out.push(run);
+        if let Some(run) = read(repo, prefix, id)? {
+            if visible(repo, &run) {
+                out.push(run);
+            }
         }
     }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.sort_by(|a, b| (&a.prefix, &a.id).cmp(&(&b.prefix, &b.id)));
     Ok(out)
 }
 
 /// Every existing run of every prefix.
 pub fn all_runs(repo: &Repository) -> Result<Vec<Run>> {
-    let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir(dir(repo)) else {
-        return Ok(out);
-    };
-    for e in entries.flatten() {
-        let Some(prefix) = e.file_name().to_str().map(String::from) else {
-            continue;
-        };
-        out.extend(runs(repo, &prefix)?);
-    }
-    Ok(out)
+    runs_under(repo, DOMAINS)
 }
 
 /// Every existing run, by (disk, id) of each of its snapshots: what

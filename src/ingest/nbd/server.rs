@@ -209,8 +209,7 @@ pub fn receive(
         .disk
         .clone()
         .ok_or_else(|| Error::invalid("a disk name is required"))?;
-    let _registration =
-        Registration::new(repo.root(), Activity::Backup, &format!("receive {disk}"))?;
+    let _registration = Registration::new(repo, Activity::Receive, &format!("receive {disk}"))?;
     let parent = if opts.incremental {
         let r = opts.parent.clone().unwrap_or(SnapshotRef {
             disk: disk.clone(),

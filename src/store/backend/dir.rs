@@ -1,0 +1,179 @@
+//! A repository in a local directory: each key is a file under the root.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+
+use super::{Backend, ObjectInfo};
+use crate::error::{Error, IoContext, Result};
+use crate::store::durable;
+
+pub struct DirBackend {
+    root: PathBuf,
+}
+
+impl DirBackend {
+    pub fn new(root: &Path) -> Self {
+        DirBackend {
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+}
+
+fn info(key: String, meta: &fs::Metadata) -> ObjectInfo {
+    use std::os::unix::fs::MetadataExt;
+    let modified = meta
+        .modified()
+        .map(DateTime::<Utc>::from)
+        .unwrap_or_default();
+    ObjectInfo {
+        key,
+        size: meta.len(),
+        modified,
+        version: format!("{}.{}.{}", meta.len(), meta.mtime(), meta.mtime_nsec()),
+    }
+}
+
+impl Backend for DirBackend {
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.path(key);
+        match fs::read(&path) {
+            Ok(body) => Ok(Some(body)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
+        }
+    }
+
+    fn put(&self, key: &str, body: &[u8]) -> Result<()> {
+        durable::replace(&self.path(key), body)
+    }
+
+    fn put_new(&self, key: &str, body: &[u8]) -> Result<bool> {
+        let path = self.path(key);
+        let dir = path.parent().unwrap_or(&self.root);
+        fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+        let tmp = path.with_extension(format!("new.{}", std::process::id()));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .ctx(|| format!("create {}", tmp.display()))?;
+        f.write_all(body)
+            .and_then(|()| f.sync_all())
+            .ctx(|| format!("write {}", tmp.display()))?;
+        // link(2) fails with EEXIST instead of replacing: create-only.
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                durable::fsync_dir(dir)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::io(format!("create {}", path.display()), e)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        // Walk the deepest directory the prefix names in full.
+        let base = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let mut out = Vec::new();
+        walk(&self.root, base, &mut out)?;
+        out.retain(|o| o.key.starts_with(prefix));
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let path = self.path(key);
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(info(key.to_string(), &m))),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
+        }
+    }
+
+    fn local_root(&self) -> Option<&Path> {
+        Some(&self.root)
+    }
+}
+
+fn walk(root: &Path, rel: &str, out: &mut Vec<ObjectInfo>) -> Result<()> {
+    let dir = root.join(rel);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("list {}", dir.display()), e)),
+    };
+    for entry in entries {
+        let entry = entry.ctx(|| format!("list {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let key = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            // Removed between the listing and now.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(format!("stat {}", entry.path().display()), e)),
+        };
+        if meta.is_dir() {
+            walk(root, &key, out)?;
+        } else {
+            out.push(info(key, &meta));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = DirBackend::new(dir.path());
+        assert_eq!(b.get("a/b.json").unwrap(), None);
+        b.put("a/b.json", b"one").unwrap();
+        assert_eq!(b.get("a/b.json").unwrap().unwrap(), b"one");
+        assert!(!b.put_new("a/b.json", b"two").unwrap());
+        assert_eq!(b.get("a/b.json").unwrap().unwrap(), b"one");
+        assert!(b.put_new("a/c/d.json", b"three").unwrap());
+        let keys: Vec<_> = b.list("a/").unwrap().into_iter().map(|o| o.key).collect();
+        assert_eq!(keys, ["a/b.json", "a/c/d.json"]);
+        assert_eq!(b.list("a/c").unwrap().len(), 1);
+        assert_eq!(b.head("a/b.json").unwrap().unwrap().size, 3);
+        b.delete("a/b.json").unwrap();
+        b.delete("a/b.json").unwrap();
+        assert_eq!(b.head("a/b.json").unwrap(), None);
+    }
+}

@@ -1,0 +1,325 @@
+//! A repository under a prefix of an S3 bucket, through the `object_store`
+//! crate (typed create-only writes, retries with backoff, path-style
+//! addressing for self-hosted servers). Its async calls run on one small
+//! tokio runtime owned here; strata's worker threads block on them.
+//!
+//! Endpoint, credentials and region come from the standard variables:
+//! `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+//! `AWS_SESSION_TOKEN`, `AWS_REGION` (default `us-east-1`).
+//!
+//! Create-only writes use `If-None-Match: *`. `STRATA_S3_CONDITIONAL=off`
+//! turns them into a `HEAD` followed by a plain `PUT` for stores that do
+//! not support them; see docs/FORMAT.md for what holds then.
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
+
+use super::{Backend, ObjectInfo};
+use crate::error::{Error, Result};
+
+pub struct S3Backend {
+    store: AmazonS3,
+    runtime: tokio::runtime::Runtime,
+    bucket: String,
+    prefix: String,
+    endpoint: String,
+    conditional: bool,
+}
+
+/// Connection failures are retried with backoff for this long, so that a
+/// server that is down fails a command well within a minute.
+const RETRY_TIMEOUT: Duration = Duration::from_secs(25);
+
+impl S3Backend {
+    /// Connect to `bucket`; with `create`, make the bucket when it is
+    /// missing (`init`).
+    pub fn connect(bucket: &str, prefix: &str, create: bool) -> Result<Self> {
+        let endpoint = std::env::var("AWS_ENDPOINT_URL")
+            .ok()
+            .filter(|e| !e.is_empty());
+        let region = std::env::var("AWS_REGION")
+            .ok()
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| "us-east-1".to_string());
+        let shown = endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+        let conditional = std::env::var("STRATA_S3_CONDITIONAL").as_deref() != Ok("off");
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_region(&region)
+            .with_conditional_put(if conditional {
+                S3ConditionalPut::ETagMatch
+            } else {
+                S3ConditionalPut::Disabled
+            })
+            .with_retry(RetryConfig {
+                max_retries: 6,
+                retry_timeout: RETRY_TIMEOUT,
+                ..Default::default()
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(30))
+                    .with_allow_http(
+                        endpoint
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("http://")),
+                    ),
+            );
+        if let Some(e) = &endpoint {
+            builder = builder.with_endpoint(e);
+        }
+        let store = builder.build().map_err(|e| Error::Remote {
+            endpoint: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("strata-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("start the S3 client's runtime", e))?;
+        let backend = S3Backend {
+            store,
+            runtime,
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            endpoint: shown,
+            conditional,
+        };
+        if create {
+            backend.create_bucket()?;
+        }
+        Ok(backend)
+    }
+
+    fn path(&self, key: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(key)
+        } else {
+            ObjectPath::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    fn key_of(&self, path: &ObjectPath) -> String {
+        let raw = path.as_ref();
+        if self.prefix.is_empty() {
+            raw.to_string()
+        } else {
+            raw.strip_prefix(&self.prefix)
+                .map(|r| r.trim_start_matches('/'))
+                .unwrap_or(raw)
+                .to_string()
+        }
+    }
+
+    fn err(&self, what: &str, key: &str, e: object_store::Error) -> Error {
+        Error::Remote {
+            endpoint: self.endpoint.clone(),
+            message: format!(
+                "{what} s3://{}/{}: {}",
+                self.bucket,
+                self.path(key),
+                s3_message(&e)
+            ),
+        }
+    }
+
+    /// CreateBucket, signed by the store's own signer; an existing bucket
+    /// of ours is fine.
+    fn create_bucket(&self) -> Result<()> {
+        use object_store::signer::Signer;
+        let url = self
+            .runtime
+            .block_on(self.store.signed_url(
+                http::Method::PUT,
+                &ObjectPath::from(""),
+                Duration::from_secs(300),
+            ))
+            .map_err(|e| self.err("sign a request for", "", e))?;
+        let status = self.runtime.block_on(async {
+            use object_store::client::HttpConnector;
+            let client = object_store::client::ReqwestConnector::default()
+                .connect(&ClientOptions::new().with_allow_http(true))
+                .map_err(|e| e.to_string())?;
+            let req = http::Request::builder()
+                .method(http::Method::PUT)
+                .uri(url.as_str())
+                .body(object_store::client::HttpRequestBody::empty())
+                .map_err(|e| e.to_string())?;
+            let resp = client.execute(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let body = resp.into_body().bytes().await.unwrap_or_default();
+            let body = String::from_utf8_lossy(&body).into_owned();
+            Ok::<_, String>((status, body))
+        });
+        match status {
+            Ok((s, _)) if s.is_success() => Ok(()),
+            Ok((_, body)) if body.contains("BucketAlreadyOwnedByYou") => Ok(()),
+            Ok((s, body)) => Err(Error::Remote {
+                endpoint: self.endpoint.clone(),
+                message: format!(
+                    "create bucket {}: {s} {}",
+                    self.bucket,
+                    xml_error(&body).unwrap_or_default()
+                ),
+            }),
+            Err(e) => Err(Error::Remote {
+                endpoint: self.endpoint.clone(),
+                message: format!("create bucket {}: {e}", self.bucket),
+            }),
+        }
+    }
+}
+
+/// An S3 error in a line: the status and the server's `<Code>` and
+/// `<Message>` when it sent them, else the client's own text.
+fn s3_message(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    match xml_error(&text) {
+        Some(code) => code,
+        None => text.lines().next().unwrap_or_default().to_string(),
+    }
+}
+
+fn xml_error(body: &str) -> Option<String> {
+    let tag = |name: &str| {
+        let start = body.find(&format!("<{name}>"))? + name.len() + 2;
+        let end = start + body[start..].find(&format!("</{name}>"))?;
+        Some(body[start..end].to_string())
+    };
+    let code = tag("Code")?;
+    Some(match tag("Message") {
+        Some(m) if !m.is_empty() => format!("{code}: {m}"),
+        _ => code,
+    })
+}
+
+impl Backend for S3Backend {
+    fn describe(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{} at {}", self.bucket, self.endpoint)
+        } else {
+            format!("s3://{}/{} at {}", self.bucket, self.prefix, self.endpoint)
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.path(key);
+        let got = self.runtime.block_on(async {
+            let r = self.store.get(&path).await?;
+            r.bytes().await
+        });
+        match got {
+            Ok(b) => Ok(Some(b.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err("read", key, e)),
+        }
+    }
+
+    fn put(&self, key: &str, body: &[u8]) -> Result<()> {
+        let payload = PutPayload::from(body.to_vec());
+        self.runtime
+            .block_on(self.store.put(&self.path(key), payload))
+            .map(|_| ())
+            .map_err(|e| self.err("write", key, e))
+    }
+
+    fn put_new(&self, key: &str, body: &[u8]) -> Result<bool> {
+        if !self.conditional {
+            if self.head(key)?.is_some() {
+                return Ok(false);
+            }
+            return self.put(key, body).map(|()| true);
+        }
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let payload = PutPayload::from(body.to_vec());
+        match self
+            .runtime
+            .block_on(self.store.put_opts(&self.path(key), payload, opts))
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.err("create", key, e)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        match self.runtime.block_on(self.store.delete(&self.path(key))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("delete", key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        // S3 lists by string prefix; object_store by path segments. List
+        // the segment that holds the prefix and filter.
+        let (dir, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        let base = if dir.is_empty() && self.prefix.is_empty() {
+            None
+        } else {
+            Some(self.path(dir))
+        };
+        let listed: std::result::Result<Vec<_>, _> = self
+            .runtime
+            .block_on(self.store.list(base.as_ref()).try_collect());
+        let listed = listed.map_err(|e| self.err("list", prefix, e))?;
+        let mut out: Vec<ObjectInfo> = listed
+            .into_iter()
+            .map(|m| ObjectInfo {
+                key: self.key_of(&m.location),
+                size: m.size,
+                modified: m.last_modified,
+                version: m.e_tag.unwrap_or_default(),
+            })
+            .filter(|o| o.key.starts_with(prefix))
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        match self.runtime.block_on(self.store.head(&self.path(key))) {
+            Ok(m) => Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: m.size,
+                modified: m.last_modified,
+                version: m.e_tag.unwrap_or_default(),
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err("stat", key, e)),
+        }
+    }
+
+    fn local_root(&self) -> Option<&Path> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_read_in_a_line() {
+        let body = "<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code>\
+                    <Message>The request signature we calculated does not match</Message></Error>";
+        assert_eq!(
+            xml_error(body).unwrap(),
+            "SignatureDoesNotMatch: The request signature we calculated does not match"
+        );
+        assert_eq!(xml_error("connection refused"), None);
+    }
+}

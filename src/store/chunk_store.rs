@@ -1,0 +1,110 @@
+//! What a chunk store does, wherever its chunks live: [`LocalChunks`] keeps
+//! them as files in the repository's directory, [`ObjectChunks`] as objects
+//! in a bucket behind a local cache. Both name chunks by content (keyed in
+//! an encrypted repository), check every read against the name, and move a
+//! chunk that fails the check out of use (see `quarantine`).
+//!
+//! [`LocalChunks`]: crate::store::chunk::LocalChunks
+//! [`ObjectChunks`]: crate::store::object_chunks::ObjectChunks
+
+use std::collections::HashSet;
+
+use crate::error::Result;
+use crate::model::chunk_id::ChunkId;
+use crate::store::chunk::{LocalChunks, PutOutcome};
+use crate::store::object_chunks::ObjectChunks;
+use crate::store::quarantine::Taken;
+
+pub trait ChunkStore: Send + Sync {
+    /// The name of a chunk holding `data` in this store.
+    fn id_of(&self, data: &[u8]) -> ChunkId;
+    /// Store `data` unless a chunk with its name exists already.
+    fn put(&self, data: &[u8]) -> Result<PutOutcome>;
+    /// Read, check and decode a chunk into `into`. A chunk found damaged
+    /// or missing is moved out of use before the error returns.
+    fn get_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()>;
+    /// [`get_into`](Self::get_into), keeping the stored (encoded) chunk in
+    /// `file`, for copies between repositories with the same keys.
+    fn get_with_file(&self, id: &ChunkId, into: &mut Vec<u8>, file: &mut Vec<u8>) -> Result<()>;
+    /// Store an encoded chunk as it is (checked by the caller) unless one
+    /// with its name exists; the bytes written.
+    fn put_file(&self, id: &ChunkId, file: &[u8], data: &[u8]) -> Result<u64>;
+    fn contains(&self, id: &ChunkId) -> bool;
+    /// Size of the stored chunk, `None` if it is missing.
+    fn stored_size(&self, id: &ChunkId) -> Option<u64>;
+    /// Mark an existing chunk as in use now (see `care::gc`); false if it
+    /// is not there.
+    fn touch(&self, id: &ChunkId) -> bool;
+    /// Move a chunk that failed to read out of use; `None` when it reads
+    /// whole after all.
+    fn quarantine(&self, id: &ChunkId) -> Result<Option<Taken>>;
+    /// Every chunk on record as damaged, healed or not.
+    fn damaged_records(&self) -> Result<Vec<ChunkId>>;
+    /// Drop the record of a damaged chunk.
+    fn remove_damaged_record(&self, id: &ChunkId) -> Result<()>;
+    /// Keep what is read in this host's cache (object storage only): for
+    /// a mount, which reads the same chunks again.
+    fn keep_reads(&self, _keep: bool) {}
+    /// The directory store, for the file-level work of gc.
+    fn as_local(&self) -> Option<&LocalChunks> {
+        None
+    }
+    /// The object store, for gc.
+    fn as_object(&self) -> Option<&ObjectChunks> {
+        None
+    }
+
+    /// Chunks on record as damaged and not stored anew since.
+    fn damaged(&self) -> Result<HashSet<ChunkId>> {
+        Ok(self
+            .damaged_records()?
+            .into_iter()
+            .filter(|id| !self.contains(id))
+            .collect())
+    }
+
+    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let mut v = Vec::new();
+        self.get_into(id, &mut v)?;
+        Ok(v)
+    }
+}
+
+impl ChunkStore for LocalChunks {
+    fn id_of(&self, data: &[u8]) -> ChunkId {
+        LocalChunks::id_of(self, data)
+    }
+    fn put(&self, data: &[u8]) -> Result<PutOutcome> {
+        LocalChunks::put(self, data)
+    }
+    fn get_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()> {
+        LocalChunks::get_into(self, id, into)
+    }
+    fn get_with_file(&self, id: &ChunkId, into: &mut Vec<u8>, file: &mut Vec<u8>) -> Result<()> {
+        LocalChunks::get_with_file(self, id, into, file)
+    }
+    fn put_file(&self, id: &ChunkId, file: &[u8], data: &[u8]) -> Result<u64> {
+        LocalChunks::put_file(self, id, file, data)
+    }
+    fn contains(&self, id: &ChunkId) -> bool {
+        LocalChunks::contains(self, id)
+    }
+    fn stored_size(&self, id: &ChunkId) -> Option<u64> {
+        LocalChunks::stored_size(self, id)
+    }
+    fn touch(&self, id: &ChunkId) -> bool {
+        LocalChunks::touch(self, id)
+    }
+    fn quarantine(&self, id: &ChunkId) -> Result<Option<Taken>> {
+        LocalChunks::quarantine(self, id)
+    }
+    fn damaged_records(&self) -> Result<Vec<ChunkId>> {
+        self.quarantined().list()
+    }
+    fn remove_damaged_record(&self, id: &ChunkId) -> Result<()> {
+        self.quarantined().remove(id)
+    }
+    fn as_local(&self) -> Option<&LocalChunks> {
+        Some(self)
+    }
+}

@@ -1,0 +1,197 @@
+//! This host's size-bounded cache of chunks of a repository on object
+//! storage: encoded chunk files under `<home>/cache/xx/<hash>`, exactly as
+//! stored in the bucket, so every read from it is checked like a read from
+//! the bucket. Files are written whole (temporary name, rename); when the
+//! cache outgrows its limit the oldest files go until it is at 80%.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use crate::error::{IoContext, Result};
+
+/// `--cache-size` when none is given.
+pub const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
+
+pub struct ObjectCache {
+    dir: PathBuf,
+    limit: u64,
+    used: AtomicU64,
+    evicting: Mutex<()>,
+}
+
+/// The cache size from `STRATA_CACHE_SIZE` (`--cache-size`): bytes, or
+/// with a K/M/G/T suffix (powers of 1024).
+pub fn configured_size() -> Result<u64> {
+    match std::env::var("STRATA_CACHE_SIZE") {
+        Ok(text) if !text.is_empty() => parse_size(&text).ok_or_else(|| {
+            crate::Error::invalid(format!(
+                "cache size {text:?}: expected bytes, optionally with K, M, G or T"
+            ))
+        }),
+        _ => Ok(DEFAULT_CACHE_SIZE),
+    }
+}
+
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.chars().last()?.to_ascii_uppercase() {
+        'K' => (&text[..text.len() - 1], 10),
+        'M' => (&text[..text.len() - 1], 20),
+        'G' => (&text[..text.len() - 1], 30),
+        'T' => (&text[..text.len() - 1], 40),
+        _ => (text, 0),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1u64 << shift)
+}
+
+impl ObjectCache {
+    pub fn new(dir: &Path, limit: u64) -> Result<Self> {
+        fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+        let cache = ObjectCache {
+            dir: dir.to_path_buf(),
+            limit,
+            used: AtomicU64::new(0),
+            evicting: Mutex::new(()),
+        };
+        let used = cache.files()?.iter().map(|f| f.1).sum();
+        cache.used.store(used, Ordering::Relaxed);
+        if used > limit {
+            cache.evict();
+        }
+        Ok(cache)
+    }
+
+    fn path(&self, hex: &str) -> PathBuf {
+        self.dir.join(&hex[..2]).join(hex)
+    }
+
+    pub fn get(&self, hex: &str) -> Option<Vec<u8>> {
+        fs::read(self.path(hex)).ok()
+    }
+
+    /// Drop a file that failed its check.
+    pub fn remove(&self, hex: &str) {
+        if let Ok(m) = fs::metadata(self.path(hex)) {
+            if fs::remove_file(self.path(hex)).is_ok() {
+                self.used.fetch_sub(
+                    m.len().min(self.used.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+
+    /// Keep a copy of a chunk file. Failures only cost a later download.
+    pub fn insert(&self, hex: &str, body: &[u8]) {
+        if self.limit == 0 || body.len() as u64 > self.limit / 4 {
+            return;
+        }
+        let path = self.path(hex);
+        if path.exists() {
+            return;
+        }
+        let tmp = path.with_extension(format!(
+            "tmp.{}.{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let written = fs::create_dir_all(path.parent().unwrap_or(&self.dir))
+            .and_then(|()| fs::write(&tmp, body))
+            .and_then(|()| fs::rename(&tmp, &path));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+            return;
+        }
+        let used = self.used.fetch_add(body.len() as u64, Ordering::Relaxed) + body.len() as u64;
+        if used > self.limit {
+            self.evict();
+        }
+    }
+
+    /// Every file with its size and mtime.
+    fn files(&self) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
+        let mut out = Vec::new();
+        let Ok(subs) = fs::read_dir(&self.dir) else {
+            return Ok(out);
+        };
+        for sub in subs.flatten() {
+            let Ok(entries) = fs::read_dir(sub.path()) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if let Ok(m) = e.metadata() {
+                    let t = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                    out.push((e.path(), m.len(), t));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn evict(&self) {
+        let Ok(_guard) = self.evicting.try_lock() else {
+            return; // another thread is at it
+        };
+        let Ok(mut files) = self.files() else {
+            return;
+        };
+        files.sort_by_key(|f| f.2);
+        let mut used: u64 = files.iter().map(|f| f.1).sum();
+        let target = self.limit / 10 * 8;
+        for (path, len, _) in files {
+            if used <= target {
+                break;
+            }
+            if fs::remove_file(&path).is_ok() {
+                used -= len;
+            }
+        }
+        self.used.store(used, Ordering::Relaxed);
+    }
+
+    /// Bytes the cache holds now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("512m"), Some(512 << 20));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn stays_within_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ObjectCache::new(dir.path(), 64 << 10).unwrap();
+        for i in 0..40u32 {
+            let hex = format!("{:064x}", i);
+            cache.insert(&hex, &vec![i as u8; 4096]);
+            assert!(cache.used() <= 64 << 10, "{}", cache.used());
+        }
+        let hex = format!("{:064x}", 39);
+        assert_eq!(cache.get(&hex).unwrap(), vec![39u8; 4096]);
+        let on_disk: u64 = cache.files().unwrap().iter().map(|f| f.1).sum();
+        assert!(on_disk <= 64 << 10);
+        // A new instance counts what is there.
+        assert_eq!(
+            ObjectCache::new(dir.path(), 64 << 10).unwrap().used(),
+            on_disk
+        );
+    }
+}
