@@ -15,6 +15,9 @@
 #   scripts/bench-scale.sh                  256 GiB, 30 incrementals of 0.1%
 #   SCALE_SIZE=1T scripts/bench-scale.sh    the issue's size (~10 GiB + 30 GiB of chunks)
 #   SCALE_DIR=/path SCALE_INCS=5 ...        scratch directory, fewer incrementals
+#   SCALE_REUSE=1 ...                       only the mount part, on the repository
+#                                           an earlier run left in SCALE_DIR
+#   SCALE_STRATA=/path/to/strata ...        another build (to compare before/after)
 #
 # Needs root (FUSE), nbdkit (sparse-random plugin), nbdinfo, python3.
 # (nbdkit's cow filter would let the disk change for real, but nbdkit
@@ -27,8 +30,14 @@ PERCENT=${SCALE_PERCENT:-1}
 PERMILLE=${SCALE_CHANGE_PERMILLE:-1}
 W=${SCALE_DIR:-/var/tmp/strata-scale}
 cargo build --release --quiet
-S="$PWD/target/release/strata"
-rm -rf "$W"; mkdir -p "$W/mnt"
+S=${SCALE_STRATA:-$PWD/target/release/strata}
+REUSE=${SCALE_REUSE:-}
+if [ -n "$REUSE" ]; then
+    [ -d "$W/repo" ] && [ -f "$W/alloc.json" ] || { echo "SCALE_REUSE: no earlier run in $W" >&2; exit 1; }
+    mkdir -p "$W/mnt"
+else
+    rm -rf "$W"; mkdir -p "$W/mnt"
+fi
 export STRATA_REPO="$W/repo"
 SOCK="$W/nbd.sock"
 NBDKIT_PID=""
@@ -38,6 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
+if [ -z "$REUSE" ]; then
 nbdkit -f -U "$SOCK" sparse-random size="$SIZE" percent="$PERCENT" seed=1 &
 NBDKIT_PID=$!
 URI="nbd+unix:///?socket=$SOCK"
@@ -84,6 +94,7 @@ EOF
     run "incremental $i" "$S" -q backup --disk vm/big "$URI" --changes "$W/changes.json"
 done
 echo "after $INCS incrementals: $(meta)"
+fi
 
 "$S" mount "$W/mnt"
 MPID=$(grep " $W/mnt " /proc/self/mountinfo | grep -o 'strata:[0-9]*' | cut -d: -f2)
@@ -95,18 +106,25 @@ with open(sys.argv[1], "rb") as f:
     f.read(1)
 print(f"mount: first byte of the newest image ({sys.argv[1].rsplit('/', 1)[1]}): {time.monotonic() - t:.3f} s")
 EOF
-# Ten images, each read where it holds data: 64 MiB from the first
-# allocated run (and the first byte), all kept open together.
-python3 - "$W/alloc.json" "$W/mnt/vm/big" <<'EOF'
+# The ten newest images, each read where it holds data: 64 MiB from the
+# first allocated run (and the first byte), all kept open together; the
+# server's memory is read while they are open. (Before 2026-12-02 this
+# opened every image, then kept the newest ten open: the peak counted the
+# maps of all 31.)
+python3 - "$W/alloc.json" "$W/mnt/vm/big" "$MPID" <<'EOF'
 import json, os, sys
-alloc, d = json.load(open(sys.argv[1])), sys.argv[2]
+alloc, d, pid = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
 first = next(e["offset"] for e in alloc if e["type"] & 1 == 0)
-files = [open(os.path.join(d, n), "rb") for n in sorted(os.listdir(d)) if n.endswith(".raw") and n != "latest.raw"][-10:]
+names = [n for n in sorted(os.listdir(d)) if n.endswith(".raw") and n != "latest.raw"][-10:]
+files = [open(os.path.join(d, n), "rb") for n in names]
 for f in files:
     f.read(1)
     os.pread(f.fileno(), 64 << 20, first)
 print(f"mount: {len(files)} images open, 64 MiB of data read from each")
+mem = " ".join(" ".join(l.split()) for l in open(f"/proc/{pid}/status") if l.startswith(("VmHWM", "VmRSS")))
+print(f"mount server (pid {pid}), {len(files)} images open: {mem}")
 EOF
-echo "mount server (pid $MPID): $(grep -E 'VmHWM|VmRSS' /proc/"$MPID"/status | tr -s ' \n' ' ')"
+sleep 1
+echo "mount server (pid $MPID), images closed: $(grep -E 'VmHWM|VmRSS' /proc/"$MPID"/status | tr -s ' \n' ' ')"
 "$S" umount "$W/mnt"
 du -sh "$W/repo/chunks" | sed 's/^/chunks: /'

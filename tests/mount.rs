@@ -306,3 +306,74 @@ fn mount_lifecycle() {
     let status = Command::new("ls").arg(&m.mnt).status().unwrap();
     assert!(status.success());
 }
+
+/// The pin files of the mount (`pins/<mount>/<inode>.map`).
+fn pins(env: &Env) -> usize {
+    let Ok(dirs) = std::fs::read_dir(env.repo.join("pins")) else {
+        return 0;
+    };
+    dirs.flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .filter(|p| {
+            p.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|e| e == "map")
+        })
+        .count()
+}
+
+/// Wait for the mount to handle releases (sent after close returns).
+fn pins_become(env: &Env, want: usize) {
+    for _ in 0..200 {
+        if pins(env) == want {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert_eq!(pins(env), want, "pin files");
+}
+
+/// An image's map is kept, and pinned, from its first open to its last
+/// release, then dropped; a stat alone pins nothing; reopened, an image
+/// is resolved again and reads the same.
+#[test]
+fn maps_live_from_first_open_to_last_release() {
+    let env = Env::new();
+    let chain = qemu_chain(&env, "p", 2);
+    let m = Mounted::new(&env, "mnt");
+    let (a, b) = (m.image(&chain[0].0), m.image(&chain[1].0));
+    let truth = |i: usize| std::fs::read(&chain[i].1).unwrap();
+    let read = |f: &File| {
+        let mut buf = vec![0u8; f.metadata().unwrap().len() as usize];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        buf
+    };
+    // A stat resolves the map to count the data; only an open pins it.
+    assert!(allocated(&b) > 0);
+    pins_become(&env, 0);
+    let a1 = File::open(&a).unwrap();
+    let a2 = File::open(&a).unwrap();
+    pins_become(&env, 1);
+    let b1 = File::open(&b).unwrap();
+    pins_become(&env, 2);
+    assert!(read(&a1) == truth(0));
+    drop(a1);
+    // Another handle still has it open.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(pins(&env), 2);
+    assert!(read(&a2) == truth(0));
+    assert!(read(&b1) == truth(1));
+    drop(a2);
+    pins_become(&env, 1);
+    drop(b1);
+    pins_become(&env, 0);
+    for _ in 0..2 {
+        let f = File::open(&b).unwrap();
+        pins_become(&env, 1);
+        assert!(read(&f) == truth(1));
+        assert!(!seek_data_ranges(&b).is_empty());
+        drop(f);
+        pins_become(&env, 0);
+    }
+}

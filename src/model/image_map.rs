@@ -42,7 +42,7 @@ impl Segment {
 
     /// The part of this segment inside `[start, end)`, with the chunk offset
     /// moved along.
-    fn clip(&self, start: u64, end: u64) -> Option<Segment> {
+    pub fn clip(&self, start: u64, end: u64) -> Option<Segment> {
         let r = self.range.intersect(&ByteRange::from_bounds(start, end))?;
         let piece = match self.piece {
             Piece::Zero => Piece::Zero,
@@ -62,6 +62,26 @@ impl Segment {
     }
 }
 
+/// What reading an image's bytes needs from its map: its size and the
+/// segments over a range. Implemented by [`ImageMap`] and by the form the
+/// mount and restore keep while they read,
+/// [`CompactMap`](crate::model::compact_map::CompactMap).
+pub trait MapView {
+    fn size(&self) -> u64;
+    /// Segments intersecting `range`, clipped to it, in order.
+    fn slice(&self, range: ByteRange) -> impl Iterator<Item = Segment> + '_;
+}
+
+impl MapView for ImageMap {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn slice(&self, range: ByteRange) -> impl Iterator<Item = Segment> + '_ {
+        ImageMap::slice(self, range)
+    }
+}
+
 /// Sorted, non-overlapping segments of an image of `size` bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ImageMap {
@@ -74,18 +94,51 @@ impl ImageMap {
     /// segments, and adjacent pieces of one chunk, are merged, so that two
     /// maps of the same image compare equal however they were built.
     pub fn new(size: u64, mut segments: Vec<Segment>) -> Self {
-        segments.sort_by_key(|s| s.range.offset);
-        ImageMap {
-            size,
-            segments: normalize(segments),
+        // Decoded maps come sorted: skip the sort and its scratch buffer.
+        if !segments.is_sorted_by_key(|s| s.range.offset) {
+            segments.sort_by_key(|s| s.range.offset);
         }
+        normalize(&mut segments);
+        ImageMap { size, segments }
     }
 
     /// The image of a child: this map cut or extended to `size`, with `top`
     /// laid over it. Grown space stays a hole (reads as zeroes).
     pub fn overlay(&self, top: &ImageMap) -> ImageMap {
+        let mut out = Vec::with_capacity(overlay_bound(self, top));
+        self.overlay_below(top, u64::MAX, |s| push_merged(&mut out, s));
+        ImageMap {
+            size: top.size,
+            segments: out,
+        }
+    }
+
+    /// `self` with `tops` laid over it one after the other, oldest first:
+    /// the same map as `tops.fold(self, overlay)`, but with one pass over
+    /// `self` and one output, where the fold copies the whole image once
+    /// per top. The tops (own maps, small next to the image) are first
+    /// laid over each other; `self` then shows through only below every
+    /// top's size (space cut by a top and grown again by a later one is a
+    /// hole).
+    pub fn overlay_all(self, tops: &[ImageMap]) -> ImageMap {
+        match merge_tops(tops) {
+            None => self,
+            Some((top, limit)) => {
+                let mut out = Vec::with_capacity(overlay_bound(&self, &top));
+                self.overlay_below(&top, limit, |s| push_merged(&mut out, s));
+                ImageMap {
+                    size: top.size,
+                    segments: out,
+                }
+            }
+        }
+    }
+
+    /// [`overlay`](Self::overlay) with only the part of `self` below
+    /// `limit` showing through, the result's segments handed to `emit` in
+    /// order (not merged, empty ones included).
+    pub(crate) fn overlay_below(&self, top: &ImageMap, limit: u64, mut emit: impl FnMut(Segment)) {
         let size = top.size;
-        let mut out = Vec::with_capacity(self.segments.len() + top.segments.len());
         let mut base = self.segments.iter().peekable();
         let mut pos = 0u64;
         for t in top
@@ -94,13 +147,13 @@ impl ImageMap {
             .chain(std::iter::once(&Segment::zero(ByteRange::new(size, 0))))
         {
             // Copy the parent's segments in the gap [pos, t.start).
-            let gap_end = t.range.offset.min(size);
+            let gap_end = t.range.offset.min(size).min(limit).max(pos);
             while let Some(b) = base.peek() {
                 if b.range.offset >= gap_end {
                     break;
                 }
                 if let Some(c) = b.clip(pos, gap_end) {
-                    out.push(c);
+                    emit(c);
                 }
                 if b.range.end() <= gap_end {
                     base.next();
@@ -108,14 +161,8 @@ impl ImageMap {
                     break;
                 }
             }
-            if !t.range.is_empty() {
-                out.push(*t);
-            }
+            emit(*t);
             pos = t.range.end();
-        }
-        ImageMap {
-            size,
-            segments: normalize(out),
         }
     }
 
@@ -191,8 +238,6 @@ impl ImageMap {
     /// as LEB128 varints, so a map costs about its chunk names (32 bytes
     /// each, incompressible) plus a few bytes per segment.
     pub fn encode(&self) -> Vec<u8> {
-        let mut body = Vec::with_capacity(16 + self.segments.len() * 8);
-        put_varint(&mut body, self.size);
         // Chunks in order of first use: an index is small, and a full
         // backup's indices count up, which zstd shrinks further.
         let mut index: std::collections::HashMap<ChunkId, u64> = Default::default();
@@ -205,31 +250,15 @@ impl ImageMap {
                 });
             }
         }
-        put_varint(&mut body, table.len() as u64);
-        for c in &table {
-            body.extend_from_slice(&c.0);
-        }
-        put_varint(&mut body, self.segments.len() as u64);
-        let mut end = 0u64;
-        for s in &self.segments {
-            put_varint(&mut body, s.range.offset - end);
-            put_varint(&mut body, s.range.length);
-            match s.piece {
-                Piece::Zero => put_varint(&mut body, 0),
-                Piece::Data { chunk, skip } => {
-                    put_varint(&mut body, index[&chunk] + 1);
-                    put_varint(&mut body, u64::from(skip));
-                }
-            }
-            end = s.range.end();
-        }
-        let mut out = Vec::with_capacity(body.len() / 2 + 24);
-        out.extend_from_slice(MAGIC);
-        put_varint(&mut out, body.len() as u64);
-        // Level 3: maps are written once and read at every open.
-        let packed = zstd::bulk::compress(&body, 3).expect("zstd compresses a buffer in memory");
-        out.extend_from_slice(&packed);
-        out
+        encode_parts(
+            self.size,
+            &table,
+            self.segments.len(),
+            self.segments.iter().map(|s| match s.piece {
+                Piece::Zero => (s.range, None),
+                Piece::Data { chunk, skip } => (s.range, Some((index[&chunk], skip))),
+            }),
+        )
     }
 
     /// Decode either encoding: [`ENCODING_VERSION`] (starts with [`MAGIC`])
@@ -347,6 +376,46 @@ fn decode_v1(bytes: &[u8]) -> Result<ImageMap> {
     Ok(ImageMap::new(size, segments))
 }
 
+/// The encoding ([`ImageMap::encode`]) of a map given as its chunk table, in
+/// order of first use, and its `count` segments, each with the index of
+/// its chunk in `table` and its skip, or `None` for zero. Shared with
+/// [`CompactMap::encode`](crate::model::compact_map::CompactMap::encode),
+/// which keeps its chunks in that order.
+pub(crate) fn encode_parts(
+    size: u64,
+    table: &[ChunkId],
+    count: usize,
+    segments: impl Iterator<Item = (ByteRange, Option<(u64, u32)>)>,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(16 + table.len() * 32 + count * 8);
+    put_varint(&mut body, size);
+    put_varint(&mut body, table.len() as u64);
+    for c in table {
+        body.extend_from_slice(&c.0);
+    }
+    put_varint(&mut body, count as u64);
+    let mut end = 0u64;
+    for (range, piece) in segments {
+        put_varint(&mut body, range.offset - end);
+        put_varint(&mut body, range.length);
+        match piece {
+            None => put_varint(&mut body, 0),
+            Some((index, skip)) => {
+                put_varint(&mut body, index + 1);
+                put_varint(&mut body, u64::from(skip));
+            }
+        }
+        end = range.end();
+    }
+    let mut out = Vec::with_capacity(body.len() / 2 + 24);
+    out.extend_from_slice(MAGIC);
+    put_varint(&mut out, body.len() as u64);
+    // Level 3: maps are written once and read at every open.
+    let packed = zstd::bulk::compress(&body, 3).expect("zstd compresses a buffer in memory");
+    out.extend_from_slice(&packed);
+    out
+}
+
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push(v as u8 | 0x80);
@@ -360,30 +429,64 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 /// magic, fixed width, uncompressed) is still read.
 pub const ENCODING_VERSION: u32 = 2;
 
-/// Merge touching segments that continue each other (input sorted).
-fn normalize(segments: Vec<Segment>) -> Vec<Segment> {
-    let mut out: Vec<Segment> = Vec::with_capacity(segments.len());
-    for s in segments {
+/// The most segments `top` laid over `base` can have: each top segment
+/// adds itself and can split one base segment in two.
+pub(crate) fn overlay_bound(base: &ImageMap, top: &ImageMap) -> usize {
+    base.segments.len() + 2 * top.segments.len()
+}
+
+/// `tops` (oldest first) laid over each other, and the size below which
+/// the map under them shows through (the smallest of theirs: space cut by
+/// one top and grown again by a later one is a hole); `None` for no tops.
+pub(crate) fn merge_tops(tops: &[ImageMap]) -> Option<(ImageMap, u64)> {
+    let (first, rest) = tops.split_first()?;
+    let merged = rest.iter().fold(first.clone(), |m, t| m.overlay(t));
+    let limit = tops.iter().map(|t| t.size).min().unwrap_or(u64::MAX);
+    Some((merged, limit))
+}
+
+/// Merge touching segments that continue each other and drop empty ones
+/// (input sorted), in place.
+fn normalize(segments: &mut Vec<Segment>) {
+    let mut kept = 0;
+    for i in 0..segments.len() {
+        let s = segments[i];
         if s.range.is_empty() {
             continue;
         }
-        if let Some(last) = out.last_mut() {
-            let touching = last.range.end() == s.range.offset;
-            let continues = match (last.piece, s.piece) {
-                (Piece::Zero, Piece::Zero) => true,
-                (Piece::Data { chunk: a, skip: sa }, Piece::Data { chunk: b, skip: sb }) => {
-                    a == b && u64::from(sa) + last.range.length == u64::from(sb)
-                }
-                _ => false,
-            };
-            if touching && continues {
-                last.range.length += s.range.length;
-                continue;
-            }
+        if kept > 0 && continues(&segments[kept - 1], &s) {
+            segments[kept - 1].range.length += s.range.length;
+            continue;
         }
-        out.push(s);
+        segments[kept] = s;
+        kept += 1;
     }
-    out
+    segments.truncate(kept);
+}
+
+/// Append `s` to sorted, normalized `out`, merged into the last segment if
+/// it continues it.
+pub(crate) fn push_merged(out: &mut Vec<Segment>, s: Segment) {
+    if s.range.is_empty() {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if continues(last, &s) => last.range.length += s.range.length,
+        _ => out.push(s),
+    }
+}
+
+/// Whether `s` starts where `last` ends and holds what would follow it: both
+/// zero, or the next bytes of the same chunk.
+pub(crate) fn continues(last: &Segment, s: &Segment) -> bool {
+    last.range.end() == s.range.offset
+        && match (last.piece, s.piece) {
+            (Piece::Zero, Piece::Zero) => true,
+            (Piece::Data { chunk: a, skip: sa }, Piece::Data { chunk: b, skip: sb }) => {
+                a == b && u64::from(sa) + last.range.length == u64::from(sb)
+            }
+            _ => false,
+        }
 }
 
 struct Reader<'a> {
@@ -519,6 +622,60 @@ pub(crate) mod tests {
         let base = ImageMap::new(30, vec![z(0, 10)]);
         let top = ImageMap::new(30, vec![z(10, 10)]);
         assert_eq!(base.overlay(&top).segments, vec![z(0, 20)]);
+    }
+
+    #[test]
+    fn overlay_all_is_the_fold() {
+        let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+        for round in 0..300 {
+            let base = random_map(&mut rng, [0, 5, 200][round % 3], 20, 1 << 12);
+            let tops: Vec<ImageMap> = (0..round % 7)
+                .map(|_| {
+                    let n = [0, 3, 40][rng.below(3) as usize];
+                    let mut t = random_map(&mut rng, n, 50, 1 << 10);
+                    // Sizes that cut the image and grow it again.
+                    if rng.below(3) == 0 {
+                        t.size = rng.below(base.size.max(1) * 2);
+                        t.segments.retain(|s| s.range.end() <= t.size);
+                    }
+                    t
+                })
+                .collect();
+            let fold = tops.iter().fold(base.clone(), |m, t| m.overlay(t));
+            assert_eq!(base.overlay_all(&tops), fold, "round {round}");
+        }
+        // Cut to 10 by the first top, grown to 100 by the second: the base
+        // beyond 10 must not show through.
+        let base = ImageMap::new(100, vec![data(0, 100, 1)]);
+        let tops = [
+            ImageMap::new(10, vec![]),
+            ImageMap::new(100, vec![data(50, 5, 2)]),
+        ];
+        assert_eq!(
+            base.overlay_all(&tops).segments,
+            vec![data(0, 10, 1), data(50, 5, 2)]
+        );
+    }
+
+    #[test]
+    fn new_sorts_and_merges() {
+        let mut rng = Rng(3);
+        for _ in 0..50 {
+            let m = random_map(&mut rng, 100, 4, 1 << 12);
+            let mut shuffled = m.segments.clone();
+            for i in (1..shuffled.len()).rev() {
+                shuffled.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            // Split pieces merge back.
+            let mut split = Vec::new();
+            for s in shuffled {
+                let mid = s.range.offset + s.range.length / 2;
+                split.extend(s.clip(s.range.offset, mid));
+                split.extend(s.clip(mid, s.range.end()));
+                split.push(Segment::zero(ByteRange::new(s.range.offset, 0)));
+            }
+            assert_eq!(ImageMap::new(m.size, split), m);
+        }
     }
 
     /// A small deterministic generator (xorshift): the tests stay

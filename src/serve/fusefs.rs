@@ -4,13 +4,18 @@
 //!
 //! The tree is rebuilt from the catalog whenever SQLite's `data_version`
 //! says another process committed, so new snapshots appear without a
-//! remount. Inode numbers are stable for the life of the mount, and a file's
-//! image map is loaded once, on first use. Images never change, so the
-//! kernel may keep their pages (`FOPEN_KEEP_CACHE`) and attributes.
+//! remount. Inode numbers are stable for the life of the mount. Images
+//! never change, so the kernel may keep their pages (`FOPEN_KEEP_CACHE`)
+//! and attributes.
 //!
-//! While an image is open, its map is pinned (`store::pins`) so that gc,
-//! which may run at any time, keeps its chunks even if the snapshot is
-//! forgotten meanwhile.
+//! An image's map is resolved when the image is first opened and kept, in
+//! its compact form ([`CompactMap`]), until its last handle is released;
+//! meanwhile it is pinned (`store::pins`) so that gc, which may run at any
+//! time, keeps its chunks even if the snapshot is forgotten. A stat of an
+//! image that is not open resolves its map only to count its data bytes
+//! (kept with the file) and keeps that map for the open that usually
+//! follows, one map at most. Maps are resolved one at a time, which bounds
+//! the memory that resolving takes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -27,8 +32,9 @@ use fuser::{
 
 use crate::error::Result;
 use crate::model::chunk_id::ChunkId;
+use crate::model::compact_map::CompactMap;
 use crate::model::extent::ByteRange;
-use crate::model::image_map::{ImageMap, Piece};
+use crate::model::image_map::Piece;
 use crate::model::snapshot::SnapshotInfo;
 use crate::serve::mount::{ExtraFile, ExtraFiles};
 use crate::store::image::{self, ChunkCache};
@@ -47,7 +53,8 @@ const READ_AHEAD_THREADS: usize = 16;
 /// One snapshot as the mount shows it; shared by its `.raw` and `.json`.
 struct SnapFile {
     info: SnapshotInfo,
-    map: OnceLock<Arc<ImageMap>>,
+    /// Bytes of the image backed by data (its `st_blocks`), once known.
+    data_bytes: OnceLock<u64>,
     json: OnceLock<Arc<Vec<u8>>>,
 }
 
@@ -99,9 +106,17 @@ impl Tree {
 
 pub struct ImageFs {
     repo: Arc<Repository>,
-    /// Where open images are pinned, and how many opens each has.
+    /// Where open images are pinned, and how many opens each has. The
+    /// counts' lock is held while a first open resolves, pins and checks.
     pins: PinDir,
     open_images: Mutex<HashMap<u64, usize>>,
+    /// The maps of the open images, by inode: what reads use.
+    maps: RwLock<HashMap<u64, Arc<CompactMap>>>,
+    /// The last map resolved for an image that was not open (a stat's),
+    /// for the open that usually comes next.
+    spare: Mutex<Option<(u64, Arc<CompactMap>)>>,
+    /// Held while a map is resolved: one at a time.
+    resolving: Mutex<()>,
     tree: RwLock<Tree>,
     cache: Arc<ChunkCache>,
     /// Where each inode's last read ended, to spot sequential readers.
@@ -163,6 +178,9 @@ impl ImageFs {
             repo,
             pins,
             open_images: Mutex::new(HashMap::new()),
+            maps: RwLock::new(HashMap::new()),
+            spare: Mutex::new(None),
+            resolving: Mutex::new(()),
             tree: RwLock::new(Tree::default()),
             cache,
             last_read: Mutex::new(HashMap::new()),
@@ -202,12 +220,12 @@ impl ImageFs {
         for info in snaps {
             let dir = tree.disk_dir(info.disk.as_str());
             let key = info.reference();
-            // Keep the loaded map of a snapshot seen before; open files use it.
+            // Keep what was learnt of a snapshot seen before.
             let file = match old.get(&key) {
                 Some(f) if f.info == info => f.clone(),
                 _ => Arc::new(SnapFile {
                     info: info.clone(),
-                    map: OnceLock::new(),
+                    data_bytes: OnceLock::new(),
                     json: OnceLock::new(),
                 }),
             };
@@ -248,23 +266,60 @@ impl ImageFs {
             .cloned()
     }
 
-    fn map_of(&self, file: &SnapFile) -> Result<Arc<ImageMap>> {
-        if let Some(m) = file.map.get() {
-            return Ok(m.clone());
+    /// The map of image `ino`: an open image's, or else resolved (and
+    /// left as the spare).
+    fn map_of(&self, ino: u64, file: &SnapFile) -> Result<Arc<CompactMap>> {
+        if let Some(m) = self.open_map(ino) {
+            return Ok(m);
         }
-        let map = Arc::new(self.repo.image_map(&file.info)?);
-        Ok(file.map.get_or_init(|| map).clone())
+        let _turn = self.resolving.lock().unwrap_or_else(|e| e.into_inner());
+        // Opened, or resolved by a stat, while this waited its turn.
+        if let Some(m) = self.open_map(ino) {
+            return Ok(m);
+        }
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((i, m)) = spare.as_ref() {
+            if *i == ino {
+                return Ok(m.clone());
+            }
+        }
+        // The previous spare goes before this one is made.
+        *spare = None;
+        drop(spare);
+        let started = std::time::Instant::now();
+        let map = Arc::new(crate::serve::compact_image_map(&self.repo, &file.info)?);
+        // What resolving left free goes back too.
+        trim_heap();
+        log::debug!(
+            "{}: map of {} segments over {} chunks, {} bytes, in {:.3} s",
+            file.info.reference(),
+            map.len(),
+            map.chunk_table().len(),
+            map.heap_bytes(),
+            started.elapsed().as_secs_f64()
+        );
+        file.data_bytes.get_or_init(|| map.data_bytes());
+        *self.spare.lock().unwrap_or_else(|e| e.into_inner()) = Some((ino, map.clone()));
+        Ok(map)
     }
 
-    /// Count an open of image `ino`; the first pins its map against gc.
+    fn open_map(&self, ino: u64) -> Option<Arc<CompactMap>> {
+        let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
+        maps.get(&ino).cloned()
+    }
+
+    /// Count an open of image `ino`; the first resolves its map and pins it
+    /// against gc.
     fn open_image(&self, ino: u64, file: &SnapFile) -> Result<(), Errno> {
         let mut open = self.open_images.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = open.get_mut(&ino) {
             *n += 1;
             return Ok(());
         }
-        let map = self.map_of(file).map_err(|e| errno_of(&e))?;
-        self.pins.pin(ino, &map).map_err(|e| errno_of(&e))?;
+        let map = self.map_of(ino, file).map_err(|e| errno_of(&e))?;
+        self.pins
+            .pin_encoded(ino, &map.encode())
+            .map_err(|e| errno_of(&e))?;
         // Forgotten between loading the map and the pin, a gc may have
         // missed both: the open fails rather than read deleted chunks.
         let still_there = self
@@ -275,17 +330,33 @@ impl ImageFs {
             self.pins.unpin(ino);
             return Err(Errno::ENOENT);
         }
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.as_ref().is_some_and(|(i, _)| *i == ino) {
+            *spare = None;
+        }
+        drop(spare);
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        maps.insert(ino, map);
         open.insert(ino, 1);
         Ok(())
     }
 
+    /// Count a release of image `ino`; the last drops its map and its pin.
     fn release_image(&self, ino: u64) {
         let mut open = self.open_images.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = open.get_mut(&ino) {
             *n -= 1;
             if *n == 0 {
                 open.remove(&ino);
+                let map = {
+                    let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+                    maps.remove(&ino)
+                };
                 self.pins.unpin(ino);
+                drop(open);
+                // A read still under way may hold it a moment longer.
+                drop(map);
+                trim_heap();
             }
         }
     }
@@ -304,8 +375,11 @@ impl ImageFs {
         let (kind, perm, size, blocks, time) = match entry {
             Entry::Dir => (FileType::Directory, 0o555, 0, 0, self.mounted_at),
             Entry::Image(f) => {
-                let map = self.map_of(f)?;
-                let blocks = map.data_bytes().div_ceil(512);
+                let data_bytes = match f.data_bytes.get() {
+                    Some(n) => *n,
+                    None => self.map_of(ino, f)?.data_bytes(),
+                };
+                let blocks = data_bytes.div_ceil(512);
                 (
                     FileType::RegularFile,
                     0o444,
@@ -361,11 +435,11 @@ impl ImageFs {
 
     /// Read image bytes into this thread's `READ_BUF`, sized to what was read.
     fn read_image(&self, ino: u64, file: &SnapFile, offset: u64, size: u32) -> Result<()> {
-        let map = self.map_of(file)?;
+        let map = self.map_of(ino, file)?;
         READ_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
             buf.resize(size as usize, 0);
-            let n = image::read_at(&map, self.repo.chunks(), &self.cache, &mut buf, offset)?;
+            let n = image::read_at(&*map, self.repo.chunks(), &self.cache, &mut buf, offset)?;
             buf.truncate(n);
             self.read_ahead(ino, &map, offset, offset + n as u64);
             Ok(())
@@ -373,16 +447,16 @@ impl ImageFs {
     }
 
     /// Queue the chunks after `end` for decoding if the reader is sequential.
-    fn read_ahead(&self, ino: u64, map: &ImageMap, offset: u64, end: u64) {
+    fn read_ahead(&self, ino: u64, map: &CompactMap, offset: u64, end: u64) {
         let sequential = {
             let mut last = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
             let prev = last.insert(ino, end);
             prev.is_some_and(|p| p.abs_diff(offset) <= 2 * READ_AHEAD)
         };
-        if !sequential || end >= map.size {
+        if !sequential || end >= map.size() {
             return;
         }
-        let ahead = ByteRange::from_bounds(end, (end + READ_AHEAD).min(map.size));
+        let ahead = ByteRange::from_bounds(end, (end + READ_AHEAD).min(map.size()));
         let mut last = None;
         for seg in map.slice(ahead) {
             if let Piece::Data { chunk, .. } = seg.piece {
@@ -408,6 +482,16 @@ fn prefetch_worker(repo: &Repository, cache: &ChunkCache, rx: &Mutex<Receiver<Ch
 
 thread_local! {
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Hand the heap's free pages back to the system once a map is dropped: a
+/// map is megabytes of blocks that the allocator would otherwise keep.
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn errno_of(e: &crate::Error) -> Errno {
@@ -547,11 +631,11 @@ impl Filesystem for ImageFs {
         let Some(Entry::Image(f)) = self.entry(ino.0) else {
             return reply.error(Errno::EINVAL);
         };
-        let map = match self.map_of(&f) {
+        let map = match self.map_of(ino.0, &f) {
             Ok(m) => m,
             Err(e) => return reply.error(errno_of(&e)),
         };
-        if offset < 0 || offset as u64 >= map.size {
+        if offset < 0 || offset as u64 >= map.size() {
             return reply.error(Errno::ENXIO);
         }
         let offset = offset as u64;

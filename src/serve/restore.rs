@@ -14,9 +14,10 @@ use std::sync::Mutex;
 
 use crate::error::{Error, IoContext, Result};
 use crate::model::chunk_id::ChunkId;
+use crate::model::compact_map::CompactMap;
 use crate::model::extent::GRANULARITY;
 use crate::model::extent::{merge_touching, ByteRange};
-use crate::model::image_map::{ImageMap, Piece, Segment};
+use crate::model::image_map::{Piece, Segment};
 use crate::model::snapshot::SnapshotInfo;
 use crate::store::chunk::is_zero;
 use crate::store::lock::{Activity, Registration};
@@ -34,7 +35,7 @@ pub struct Restored {
 /// Write the image of `info` to `target`. Damaged chunks do not stop it: their
 /// ranges are left zero and returned, the rest is written.
 pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<Restored> {
-    let map = repo.image_map(info)?;
+    let map = crate::serve::compact_image_map(repo, info)?;
     // Pinned like a mount's open image, so that a forget and gc meanwhile
     // (on any host) leave its chunks alone.
     let registration = Registration::new(
@@ -43,7 +44,7 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
         &format!("restore {}", info.reference()),
     )?;
     let pins = PinDir::create(repo, &registration)?;
-    pins.pin(0, &map)?;
+    pins.pin_encoded(0, &map.encode())?;
     if !repo.still_exists(info)? {
         return Err(Error::SnapshotNotFound(info.reference()));
     }
@@ -57,11 +58,11 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
         let dev_size = (&file)
             .seek(SeekFrom::End(0))
             .ctx(|| "device size".into())?;
-        if dev_size < map.size {
+        if dev_size < map.size() {
             return Err(Error::invalid(format!(
                 "{} has {dev_size} bytes, the image needs {}",
                 target.display(),
-                map.size
+                map.size()
             )));
         }
         zero_gaps(&file, &map)?;
@@ -69,7 +70,7 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
         if meta.len() > 0 {
             clear(&file).ctx(|| format!("clear {}", target.display()))?;
         }
-        file.set_len(map.size)
+        file.set_len(map.size())
             .ctx(|| format!("extend {}", target.display()))?;
     }
     let out = Output {
@@ -139,10 +140,10 @@ fn clear(file: &File) -> std::io::Result<()> {
 }
 
 /// On a device, write zeroes wherever the image has no data.
-fn zero_gaps(file: &File, map: &ImageMap) -> Result<()> {
+fn zero_gaps(file: &File, map: &CompactMap) -> Result<()> {
     let mut pos = 0;
     let mut gaps = Vec::new();
-    for s in &map.segments {
+    for s in map.segments() {
         if s.range.offset > pos {
             gaps.push(ByteRange::from_bounds(pos, s.range.offset));
         }
@@ -151,8 +152,8 @@ fn zero_gaps(file: &File, map: &ImageMap) -> Result<()> {
         }
         pos = s.range.end();
     }
-    if pos < map.size {
-        gaps.push(ByteRange::from_bounds(pos, map.size));
+    if pos < map.size() {
+        gaps.push(ByteRange::from_bounds(pos, map.size()));
     }
     zero_ranges(file, &gaps)
 }
@@ -220,7 +221,7 @@ impl Output<'_> {
 /// is damaged are skipped and returned.
 fn write_data(
     repo: &Repository,
-    map: &ImageMap,
+    map: &CompactMap,
     out: &Output,
     skip_zero_blocks: bool,
     progress: &(dyn Fn(u64) + Sync),
@@ -233,7 +234,7 @@ fn write_data(
     // Work is handed out per chunk, with all the segments that use it, so
     // that each chunk is read and decoded once. In an image flattened from
     // incrementals, a base chunk's segments are interleaved with newer ones.
-    let runs = segments_by_chunk(map);
+    let runs = SegmentsByChunk::new(map);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
@@ -242,11 +243,14 @@ fn write_data(
         for _ in 0..workers {
             s.spawn(|| {
                 let mut buf = Vec::new();
+                let mut run = Vec::new();
                 while !failed.load(Ordering::Relaxed) {
-                    let Some(run) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    let Some(indices) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         break;
                     };
-                    match write_run(repo, out, run, &mut buf, skip_zero_blocks) {
+                    run.clear();
+                    run.extend(indices.iter().map(|&i| map.segment(i as usize)));
+                    match write_run(repo, out, &run, &mut buf, skip_zero_blocks) {
                         Ok(n) => progress(n),
                         Err(Error::BadChunk { hash, message }) => {
                             let mut d = damaged.lock().unwrap_or_else(|p| p.into_inner());
@@ -282,31 +286,54 @@ fn chunk_of(s: &Segment) -> Option<ChunkId> {
     }
 }
 
-/// The data segments grouped by chunk, groups in order of first use.
-fn segments_by_chunk(map: &ImageMap) -> Vec<Vec<&Segment>> {
-    let mut groups: Vec<Vec<&Segment>> = Vec::new();
-    let mut index: std::collections::HashMap<ChunkId, usize> = std::collections::HashMap::new();
-    for seg in &map.segments {
-        if let Some(chunk) = chunk_of(seg) {
-            let i = *index.entry(chunk).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[i].push(seg);
+/// The indices of the data segments grouped by chunk, groups in order of
+/// first use (the order of the map's chunk table), in two flat arrays (4
+/// bytes a segment and a chunk).
+struct SegmentsByChunk {
+    /// Group `c` is `order[bounds[c]..bounds[c + 1]]`.
+    bounds: Vec<u32>,
+    order: Vec<u32>,
+}
+
+impl SegmentsByChunk {
+    fn new(map: &CompactMap) -> Self {
+        let chunks = map.chunk_table().len();
+        let mut bounds = vec![0u32; chunks + 1];
+        for i in 0..map.len() {
+            if let Some(c) = map.chunk_index(i) {
+                bounds[c + 1] += 1;
+            }
         }
+        for c in 0..chunks {
+            bounds[c + 1] += bounds[c];
+        }
+        let mut next = bounds.clone();
+        let mut order = vec![0u32; bounds[chunks] as usize];
+        for i in 0..map.len() {
+            if let Some(c) = map.chunk_index(i) {
+                // A map has fewer than 2^32 segments.
+                order[next[c] as usize] = i as u32;
+                next[c] += 1;
+            }
+        }
+        SegmentsByChunk { bounds, order }
     }
-    groups
+
+    fn get(&self, group: usize) -> Option<&[u32]> {
+        let (start, end) = (*self.bounds.get(group)?, *self.bounds.get(group + 1)?);
+        Some(&self.order[start as usize..end as usize])
+    }
 }
 
 /// Decode the run's chunk once and write each of its segments.
 fn write_run(
     repo: &Repository,
     out: &Output,
-    run: &[&Segment],
+    run: &[Segment],
     buf: &mut Vec<u8>,
     skip_zero_blocks: bool,
 ) -> Result<u64> {
-    let Some(chunk) = run.first().and_then(|s| chunk_of(s)) else {
+    let Some(chunk) = run.first().and_then(chunk_of) else {
         return Ok(0);
     };
     repo.chunks().get_into(&chunk, buf)?;

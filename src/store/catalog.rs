@@ -144,6 +144,16 @@ fn decode(blob: &[u8], disk: &DiskName, id: &SnapshotId, what: &str) -> Result<I
 /// the nearest stored image up the chain (a keyframe's, or a full
 /// snapshot's own map) with the own maps below it laid over it.
 fn resolve(conn: &Connection, disk: &DiskName, id: &SnapshotId) -> Result<Option<ImageMap>> {
+    Ok(layers(conn, disk, id)?.map(|(base, tops)| base.overlay_all(&tops)))
+}
+
+/// What [`resolve`] lays over what: the nearest stored image up the chain
+/// and the own maps below it, oldest first.
+fn layers(
+    conn: &Connection,
+    disk: &DiskName,
+    id: &SnapshotId,
+) -> Result<Option<(ImageMap, Vec<ImageMap>)>> {
     let mut tops: Vec<ImageMap> = Vec::new();
     let mut cur = id.clone();
     let base = loop {
@@ -172,11 +182,8 @@ fn resolve(conn: &Connection, disk: &DiskName, id: &SnapshotId) -> Result<Option
             }
         }
     };
-    Ok(Some(
-        tops.iter()
-            .rev()
-            .fold(base, |image, top| image.overlay(top)),
-    ))
+    tops.reverse();
+    Ok(Some((base, tops)))
 }
 
 impl Catalog {
@@ -272,6 +279,20 @@ impl Catalog {
     pub fn image_map(&self, disk: &DiskName, id: &SnapshotId) -> Result<Option<ImageMap>> {
         let tx = self.conn.unchecked_transaction()?;
         resolve(&tx, disk, id)
+    }
+
+    /// The layers [`image_map`](Self::image_map) resolves, read in one
+    /// transaction: the stored map it starts from and the own maps laid
+    /// over it, oldest first (`base.overlay_all(&tops)` is the image map).
+    /// For readers that build their own form of the map
+    /// (`model::compact_map`) without the resolved one beside it.
+    pub fn image_layers(
+        &self,
+        disk: &DiskName,
+        id: &SnapshotId,
+    ) -> Result<Option<(ImageMap, Vec<ImageMap>)>> {
+        let tx = self.conn.unchecked_transaction()?;
+        layers(&tx, disk, id)
     }
 
     /// The snapshot's own map and resolved image map, as of one moment.

@@ -97,6 +97,14 @@ fn check_all(repo: &Repository, chain: &[(SnapshotInfo, ImageMap)], exact: bool,
     let mut from_images = HashSet::new();
     for (info, image) in chain {
         let got = repo.image_map(info).unwrap();
+        // What the mount and restore build from the same layers.
+        let (base, tops) = repo
+            .catalog()
+            .image_layers(&info.disk, &info.id)
+            .unwrap()
+            .unwrap();
+        let compact = crate::model::compact_map::CompactMap::overlay_all(&base, &tops);
+        assert_eq!(compact.to_image_map(), got, "{what}: {}", info.reference());
         if exact {
             assert_eq!(&got, image, "{what}: {}", info.reference());
         } else {

@@ -1,5 +1,7 @@
-//! Reading point-in-time images: a byte range of an [`ImageMap`] turned into
-//! bytes, through a bounded cache of decoded chunks.
+//! Reading point-in-time images: a byte range of an image map (an
+//! [`ImageMap`](crate::model::image_map::ImageMap) or the mount's
+//! [`CompactMap`](crate::model::compact_map::CompactMap)) turned into bytes,
+//! through a bounded cache of decoded chunks.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
@@ -7,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::error::Result;
 use crate::model::chunk_id::ChunkId;
 use crate::model::extent::ByteRange;
-use crate::model::image_map::{ImageMap, Piece};
+use crate::model::image_map::{MapView, Piece};
 use crate::store::chunk_store::ChunkStore;
 
 /// Decoded chunks, bounded by total bytes, least recently used out first.
@@ -106,16 +108,17 @@ impl ChunkCache {
 /// Fill `buf` with the image bytes at `offset`. Bytes past the end of the
 /// image are not touched; the number of bytes inside it is returned.
 pub fn read_at(
-    map: &ImageMap,
+    map: &impl MapView,
     store: &dyn ChunkStore,
     cache: &ChunkCache,
     buf: &mut [u8],
     offset: u64,
 ) -> Result<usize> {
-    if offset >= map.size {
+    let size = map.size();
+    if offset >= size {
         return Ok(0);
     }
-    let len = (buf.len() as u64).min(map.size - offset) as usize;
+    let len = (buf.len() as u64).min(size - offset) as usize;
     let buf = &mut buf[..len];
     let mut pos = offset;
     for seg in map.slice(ByteRange::new(offset, len as u64)) {

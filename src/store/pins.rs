@@ -58,7 +58,13 @@ impl PinDir {
     /// Keep the chunks of `map` from gc under `key` until [`unpin`](Self::unpin).
     /// Written whole: gc never reads half a map.
     pub fn pin(&self, key: u64, map: &ImageMap) -> Result<()> {
-        self.backend.put(&self.key(key), &map.encode())
+        self.pin_encoded(key, &map.encode())
+    }
+
+    /// [`pin`](Self::pin) a map given in its binary encoding
+    /// ([`ImageMap::encode`]; `CompactMap::encode` writes the same bytes).
+    pub fn pin_encoded(&self, key: u64, encoded: &[u8]) -> Result<()> {
+        self.backend.put(&self.key(key), encoded)
     }
 
     pub fn unpin(&self, key: u64) {
