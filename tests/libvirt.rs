@@ -810,3 +810,53 @@ fn a_domain_name_that_is_no_disk_name_needs_name() {
     let err = env.fails(&["backup", "--domain", "st-none"]);
     assert!(err.contains("st-none"), "{err}");
 }
+
+/// On object storage a domain run is all-or-nothing too: its manifests
+/// count only once its record, written after them, exists.
+#[test]
+fn a_domain_run_into_a_bucket_is_all_or_nothing() {
+    let server = common::s3::SeaweedFs::start();
+    let lv = Libvirtd::start();
+    let mut env = lv.env();
+    let bucket = common::s3::unique_bucket("domain");
+    env.repo = PathBuf::from(format!("s3://{bucket}/repo"));
+    env.vars.extend(server.vars(&format!("{bucket}/repo")));
+    env.vars.push((
+        "STRATA_CACHE_DIR".into(),
+        env.path("cache").display().to_string(),
+    ));
+    env.ok(&["init"]);
+    let disks = [("vda", "qcow2"), ("vdb", "qcow2")];
+    let dom = Domain::new(&lv, &env, "st-s3", &disks, false);
+    dom.io("vda", "qcow2", &["write -P 0x91 0 1M"]);
+    let r1 = backup(&env, &["--domain", "st-s3"]);
+    assert_run_exact(&env, &dom, &r1, &disks);
+    // Killed after both manifests are in the bucket, before the record.
+    dom.io("vdb", "qcow2", &["write -P 0x92 1M 1M"]);
+    Paused::start(
+        &env,
+        &["backup", "--domain", "st-s3"],
+        "commit-group:manifests-written",
+    )
+    .kill();
+    assert!(server.list(&bucket, "repo/manifests/").len() > 2);
+    assert_eq!(env.snapshots().len(), 2);
+    // Another host, with a cache of its own, sees the same.
+    let mut other = env.vars.clone();
+    other.retain(|(k, _)| k != "STRATA_CACHE_DIR");
+    other.push((
+        "STRATA_CACHE_DIR".into(),
+        env.path("cache2").display().to_string(),
+    ));
+    let out = env
+        .cmd()
+        .envs(other)
+        .args(["snapshots", "--json"])
+        .output()
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let r = backup(&env, &["--domain", "st-s3"]);
+    assert_run_exact(&env, &dom, &r, &disks);
+    assert_eq!(env.snapshots().len(), 4);
+}

@@ -80,6 +80,9 @@ fn every_command_works_on_a_bucket() {
     let verify: serde_json::Value = serde_json::from_str(&env.ok(&["verify", "--json"])).unwrap();
     assert_eq!(verify["ok"], true);
     assert_eq!(verify["checked_snapshots"], 4);
+    let half: serde_json::Value =
+        serde_json::from_str(&env.ok(&["verify", "--json", "--read-data-subset", "1/2"])).unwrap();
+    assert!(half["checked_chunks"].as_u64() < verify["checked_chunks"].as_u64());
 
     {
         let m = Mounted::new(&env, "mnt");
