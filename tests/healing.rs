@@ -581,19 +581,7 @@ fn receive_into_a_full_repository() {
         )
         .unwrap();
         assert!(line.starts_with("listening"), "{line}");
-        let client = Command::new("qemu-img")
-            .args([
-                "convert",
-                "-n",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                src.to_str().unwrap(),
-                &uri,
-            ])
-            .output()
-            .unwrap();
+        let client = common::qemu_img_write(&src, &uri);
         (client, child.wait_with_output().unwrap())
     };
     let (client, receive) = push(&env);

@@ -491,18 +491,11 @@ fn receive_survives_bad_clients() {
     // Still serving: a real writer is committed.
     let src = env.path("src.raw");
     std::fs::write(&src, common::random_bytes(5, size as usize)).unwrap();
-    sh(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            src.to_str().unwrap(),
-            &uri,
-        ],
+    let client = common::qemu_img_write(&src, &uri);
+    assert!(
+        client.status.success(),
+        "{}",
+        String::from_utf8_lossy(&client.stderr)
     );
     let (ok, out) = finish(child);
     assert!(ok, "{out}");
@@ -743,18 +736,11 @@ fn tcp_and_keep_listening() {
             0
         );
     } // dropped without NBD_CMD_DISC
-    sh(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            truth.to_str().unwrap(),
-            &format!("{listen}/"),
-        ],
+    let client = common::qemu_img_write(&truth, &format!("{listen}/"));
+    assert!(
+        client.status.success(),
+        "{}",
+        String::from_utf8_lossy(&client.stderr)
     );
     let (ok, out) = finish(child);
     assert!(ok, "{out}");

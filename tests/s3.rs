@@ -41,6 +41,15 @@ fn new_repo(server: &SeaweedFs, name: &str) -> (String, Env) {
     (bucket, env)
 }
 
+/// `strata backup --disk DISK FILE`, stopped at `step`.
+fn paused_backup(env: &Env, disk: &str, file: &Path, step: &str) -> Paused {
+    Paused::start(
+        env,
+        &["backup", "--disk", disk, file.to_str().unwrap()],
+        step,
+    )
+}
+
 fn cache_of(env: &Env) -> PathBuf {
     PathBuf::from(
         &env.vars
@@ -125,26 +134,8 @@ fn two_hosts_share_one_repository() {
     write_random(&a.path("a.raw"), 1, 3 << 20);
     write_random(&b.path("b.raw"), 2, 3 << 20);
     // Backups of different disks, side by side, from two hosts.
-    let pa = Paused::start(
-        &a,
-        &[
-            "backup",
-            "--disk",
-            "vm/a",
-            a.path("a.raw").to_str().unwrap(),
-        ],
-        "backup:captured",
-    );
-    let pb = Paused::start(
-        &b,
-        &[
-            "backup",
-            "--disk",
-            "vm/b",
-            b.path("b.raw").to_str().unwrap(),
-        ],
-        "backup:captured",
-    );
+    let pa = paused_backup(&a, "vm/a", &a.path("a.raw"), "backup:captured");
+    let pb = paused_backup(&b, "vm/b", &b.path("b.raw"), "backup:captured");
     assert!(pa.resume().status.success());
     assert!(pb.resume().status.success());
     // Each host lists both, by the next command.
@@ -327,16 +318,7 @@ fn gc_on_one_host_leaves_a_running_backup_on_another_alone() {
     let mut data = random_bytes(2 * 7 + 1, 2 << 20);
     data.extend(random_bytes(2 * 8 + 1, 2 << 20));
     std::fs::write(b.path("new.raw"), &data).unwrap();
-    let running = Paused::start(
-        &b,
-        &[
-            "backup",
-            "--disk",
-            "vm/new",
-            b.path("new.raw").to_str().unwrap(),
-        ],
-        "backup:captured",
-    );
+    let running = paused_backup(&b, "vm/new", &b.path("new.raw"), "backup:captured");
     let locks: serde_json::Value = serde_json::from_str(&a.ok(&["locks", "--json"])).unwrap();
     assert!(
         locks
@@ -368,16 +350,7 @@ fn a_backup_whose_server_stops_fails_and_commits_nothing() {
     write_random(&env.path("a.raw"), 10, 2 << 20);
     let s0 = env.backup(&["--disk", "vm/a", env.path("a.raw").to_str().unwrap()]);
     write_random(&env.path("b.raw"), 11, 8 << 20);
-    let p = Paused::start(
-        &env,
-        &[
-            "backup",
-            "--disk",
-            "vm/b",
-            env.path("b.raw").to_str().unwrap(),
-        ],
-        "backup:capturing",
-    );
+    let p = paused_backup(&env, "vm/b", &env.path("b.raw"), "backup:capturing");
     server.stop();
     let started = Instant::now();
     let out = p.resume();
@@ -412,17 +385,7 @@ fn stale_leases_are_listed_and_removed() {
     assert!(mount["expires"].is_string() && mount["pid"].as_u64().unwrap() > 0);
     assert_same(&m.image(&snap), &env.path("a.raw"));
 
-    Paused::start(
-        &env,
-        &[
-            "backup",
-            "--disk",
-            "vm/b",
-            env.path("a.raw").to_str().unwrap(),
-        ],
-        "backup:capturing",
-    )
-    .kill();
+    paused_backup(&env, "vm/b", &env.path("a.raw"), "backup:capturing").kill();
     let locks: serde_json::Value = serde_json::from_str(&env.ok(&["locks", "--json"])).unwrap();
     let stale: Vec<_> = locks
         .as_array()
@@ -627,18 +590,11 @@ fn nbd_pull_and_push_into_a_bucket() {
         .read_line(&mut line)
         .unwrap();
     assert!(line.starts_with("listening"), "{line}");
-    sh(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            t1.to_str().unwrap(),
-            &listen,
-        ],
+    let client = common::qemu_img_write(&t1, &listen);
+    assert!(
+        client.status.success(),
+        "{}",
+        String::from_utf8_lossy(&client.stderr)
     );
     let out = child.wait_with_output().unwrap();
     assert!(

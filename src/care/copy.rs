@@ -39,6 +39,9 @@ pub struct CopyReport {
 pub fn copy(src: &Repository, dst: &Repository, wanted: &[SnapshotInfo]) -> Result<CopyReport> {
     // gc in the target spares what a registered backup wrote since it began.
     let _registration = Registration::new(dst, Activity::Copy, "copy")?;
+    // And in the source: gc there (on any host, for a bucket) leaves what
+    // is being copied alone.
+    let _reading = Registration::new(src, Activity::Copy, "copy (source)")?;
     let all = src.snapshots(None)?;
     let order = with_ancestors(&all, if wanted.is_empty() { &all } else { wanted })?;
     let same_names = src.chunks().id_of(b"strata") == dst.chunks().id_of(b"strata");

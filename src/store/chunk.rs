@@ -25,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 use crate::error::{Error, IoContext, Result};
 use crate::model::chunk_id::ChunkId;
 use crate::store::crypto::{Keys, NONCE_LEN, SEAL_OVERHEAD, TAG_LEN};
-use crate::store::quarantine::{Quarantine, Taken};
+use crate::store::quarantine::{on_damage, Quarantine, Taken};
 
 /// Chunks never exceed this many bytes of raw data.
 pub const MAX_CHUNK_SIZE: usize = 4 << 20;
@@ -349,17 +349,7 @@ impl LocalChunks {
         into: &mut Vec<u8>,
         file: Option<&mut Vec<u8>>,
     ) -> Result<()> {
-        match self.read_into(id, into, file) {
-            Err(Error::BadChunk { hash, message }) => {
-                let message = match self.quarantine(id) {
-                    Ok(Some(taken)) => format!("{message}; {}", taken.describe()),
-                    Ok(None) => message,
-                    Err(e) => format!("{message}; moving it out of use failed: {e}"),
-                };
-                Err(Error::BadChunk { hash, message })
-            }
-            other => other,
-        }
+        on_damage(self.read_into(id, into, file), || self.quarantine(id))
     }
 
     fn read_into(

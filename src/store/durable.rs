@@ -17,19 +17,24 @@ pub fn replace(path: &Path, body: &[u8]) -> Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".tmp.{}", std::process::id()));
     let tmp = path.with_file_name(name);
+    write_synced(&tmp, body)?;
+    fs::rename(&tmp, path).ctx(|| format!("rename {}", tmp.display()))?;
+    fsync_dir(dir)
+}
+
+/// Write `body` to a new owner-only file at `path` (truncating one that
+/// is there) and flush it; the caller gives it its final name.
+pub fn write_synced(path: &Path, body: &[u8]) -> Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)
-        .ctx(|| format!("create {}", tmp.display()))?;
+        .open(path)
+        .ctx(|| format!("create {}", path.display()))?;
     f.write_all(body)
-        .ctx(|| format!("write {}", tmp.display()))?;
-    f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
-    drop(f);
-    fs::rename(&tmp, path).ctx(|| format!("rename {}", tmp.display()))?;
-    fsync_dir(dir)
+        .ctx(|| format!("write {}", path.display()))?;
+    f.sync_all().ctx(|| format!("fsync {}", path.display()))
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {

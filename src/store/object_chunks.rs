@@ -21,7 +21,7 @@ use crate::store::chunk::{decode, encode_file, is_current_file, PutOutcome};
 use crate::store::chunk_store::ChunkStore;
 use crate::store::crypto::Keys;
 use crate::store::object_cache::{self, ObjectCache};
-use crate::store::quarantine::Taken;
+use crate::store::quarantine::{on_damage, Taken};
 use crate::store::uploader::Uploader;
 
 const CHUNKS: &str = "chunks/";
@@ -283,16 +283,6 @@ impl ObjectChunks {
         into: &mut Vec<u8>,
         file: Option<&mut Vec<u8>>,
     ) -> Result<()> {
-        match self.read(id, into, file) {
-            Err(Error::BadChunk { hash, message }) => {
-                let message = match self.quarantine(id) {
-                    Ok(Some(taken)) => format!("{message}; {}", taken.describe()),
-                    Ok(None) => message,
-                    Err(e) => format!("{message}; moving it out of use failed: {e}"),
-                };
-                Err(Error::BadChunk { hash, message })
-            }
-            other => other,
-        }
+        on_damage(self.read(id, into, file), || self.quarantine(id))
     }
 }

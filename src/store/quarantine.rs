@@ -43,6 +43,26 @@ impl Taken {
     }
 }
 
+/// The outcome of a chunk read, with a chunk found damaged moved out of
+/// use by `quarantine` before the error returns (every chunk store reads
+/// through this).
+pub fn on_damage(
+    read: Result<()>,
+    quarantine: impl FnOnce() -> Result<Option<Taken>>,
+) -> Result<()> {
+    match read {
+        Err(crate::Error::BadChunk { hash, message }) => {
+            let message = match quarantine() {
+                Ok(Some(taken)) => format!("{message}; {}", taken.describe()),
+                Ok(None) => message,
+                Err(e) => format!("{message}; moving it out of use failed: {e}"),
+            };
+            Err(crate::Error::BadChunk { hash, message })
+        }
+        other => other,
+    }
+}
+
 impl Quarantine {
     pub fn new(dir: PathBuf) -> Self {
         Quarantine { dir }

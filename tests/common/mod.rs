@@ -457,6 +457,17 @@ impl Paused {
     }
 }
 
+/// `qemu-img convert -n` of the raw file `src` into the NBD export at
+/// `uri` (receive's, say): QEMU as the writer of a push.
+pub fn qemu_img_write(src: &Path, uri: &str) -> Output {
+    Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(src)
+        .arg(uri)
+        .output()
+        .unwrap()
+}
+
 /// Bytes from a fixed-seed xorshift: unique, incompressible test data.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;

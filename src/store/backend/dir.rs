@@ -1,8 +1,6 @@
 //! A repository in a local directory: each key is a file under the root.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -64,16 +62,7 @@ impl Backend for DirBackend {
         let dir = path.parent().unwrap_or(&self.root);
         fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
         let tmp = path.with_extension(format!("new.{}", std::process::id()));
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .ctx(|| format!("create {}", tmp.display()))?;
-        f.write_all(body)
-            .and_then(|()| f.sync_all())
-            .ctx(|| format!("write {}", tmp.display()))?;
+        durable::write_synced(&tmp, body)?;
         // link(2) fails with EEXIST instead of replacing: create-only.
         let linked = fs::hard_link(&tmp, &path);
         let _ = fs::remove_file(&tmp);
