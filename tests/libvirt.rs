@@ -859,4 +859,9 @@ fn a_domain_run_into_a_bucket_is_all_or_nothing() {
     let r = backup(&env, &["--domain", "st-s3"]);
     assert_run_exact(&env, &dom, &r, &disks);
     assert_eq!(env.snapshots().len(), 4);
+    // gc removes the dead run's manifests.
+    assert_eq!(server.list(&bucket, "repo/manifests/").len(), 6);
+    env.ok(&["gc"]);
+    assert_eq!(server.list(&bucket, "repo/manifests/").len(), 4);
+    assert_eq!(env.snapshots().len(), 4);
 }

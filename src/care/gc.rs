@@ -31,11 +31,11 @@ use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
 use crate::model::chunk_id::ChunkId;
-use crate::store::chunk::trash_path;
+use crate::store::chunks::local::trash_path;
+use crate::store::chunks::object::ObjectChunks;
 use crate::store::lease;
 use crate::store::lock::{self, Activity, MaintenanceLock};
 use crate::store::manifest;
-use crate::store::object_chunks::ObjectChunks;
 use crate::store::partial;
 use crate::store::pins;
 use crate::store::repo::Repository;
@@ -152,7 +152,10 @@ pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> 
                     "{w} is running; unreferenced chunks are left for the next gc"
                 ))
             }
-            None => sweep_objects(objects, &referenced, &mut report)?,
+            None => {
+                sweep_objects(objects, &referenced, &mut report)?;
+                sweep_unfinished_runs(repo, &snaps, &mut report)?;
+            }
         }
     }
     sweep_tmp(repo, cutoff, &mut report)?;
@@ -286,6 +289,42 @@ fn sweep_objects(
     }
     report.deleted_chunks += doomed.len();
     report.freed_bytes += doomed.iter().map(|d| d.1).sum::<u64>();
+    Ok(())
+}
+
+/// Manifests of domain runs that died before writing their record (object
+/// storage, where such manifests are written first): they never count,
+/// and nobody is writing (the caller checked the leases).
+fn sweep_unfinished_runs(
+    repo: &Repository,
+    snaps: &[crate::model::snapshot::SnapshotInfo],
+    report: &mut GcReport,
+) -> Result<()> {
+    let known: HashSet<String> = snaps
+        .iter()
+        .map(|s| manifest::manifest_key(&s.disk, &s.id))
+        .collect();
+    for o in manifest::list(repo.backend())? {
+        let Some((disk, id)) = manifest::parse_key(&o.key) else {
+            continue;
+        };
+        if known.contains(&o.key) {
+            continue;
+        }
+        // Unreadable ones are verify's to report, not gc's to delete.
+        let Ok(m) = manifest::read(repo.backend(), &disk, &id, repo.keys()) else {
+            continue;
+        };
+        let Some(run) = &m.run else { continue };
+        if repo
+            .backend()
+            .head(&format!("domains/{run}/{id}.json"))?
+            .is_none()
+        {
+            repo.backend().delete(&o.key)?;
+            report.removed_manifests += 1;
+        }
+    }
     Ok(())
 }
 

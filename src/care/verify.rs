@@ -4,7 +4,7 @@
 //! map recomputed from the parent), then every chunk the selected images
 //! use, each read once however many snapshots share it, on several threads.
 //! Damage is reported per snapshot with the image ranges it affects, and
-//! every damaged chunk is moved out of use (see `store::quarantine`), so
+//! every damaged chunk is moved out of use (see `store::chunks::quarantine`), so
 //! that backups store its data anew.
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -183,7 +183,7 @@ fn command() -> clap::Command {
 /// and writes, from the library's constants so that they cannot drift.
 fn long_version() -> String {
     use strata::model::{extent, image_map};
-    use strata::store::{catalog, chunk, keys, manifest, repo};
+    use strata::store::{catalog, chunks::codec as chunk, keys, manifest, repo};
     format!(
         "{}\n\
          repository  {} (config.json)\n\

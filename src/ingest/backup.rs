@@ -20,7 +20,7 @@ use crate::model::extent::{merge_touching, ByteRange, ExtentKind, GRANULARITY};
 use crate::model::image_map::{ImageMap, Piece, Segment};
 use crate::model::name::{DiskName, Selector, SnapshotRef};
 use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
-use crate::store::chunk::is_zero;
+use crate::store::chunks::is_zero;
 use crate::store::image::{self, ChunkCache};
 use crate::store::lock::{Activity, Registration};
 use crate::store::repo::{NewSnapshot, Repository};
@@ -522,7 +522,7 @@ fn check_unchanged(
     }
     let started = std::time::Instant::now();
     let common = parent.size.min(source.size());
-    let cache = ChunkCache::new(CHECK_THREADS * crate::store::chunk::MAX_CHUNK_SIZE);
+    let cache = ChunkCache::new(CHECK_THREADS * crate::store::chunks::MAX_CHUNK_SIZE);
     let mut rng = SplitMix(
         Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64 ^ u64::from(std::process::id()),
     );

@@ -19,7 +19,7 @@ use crate::model::extent::GRANULARITY;
 use crate::model::extent::{merge_touching, ByteRange};
 use crate::model::image_map::{Piece, Segment};
 use crate::model::snapshot::SnapshotInfo;
-use crate::store::chunk::is_zero;
+use crate::store::chunks::is_zero;
 use crate::store::lock::{Activity, Registration};
 use crate::store::pins::PinDir;
 use crate::store::repo::Repository;

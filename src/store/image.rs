@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::model::chunk_id::ChunkId;
 use crate::model::extent::ByteRange;
 use crate::model::image_map::{MapView, Piece};
-use crate::store::chunk_store::ChunkStore;
+use crate::store::chunks::ChunkStore;
 
 /// Decoded chunks, bounded by total bytes, least recently used out first.
 /// A chunk being decoded by one thread is waited for by the others rather

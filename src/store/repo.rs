@@ -35,12 +35,12 @@ use crate::model::name::{DiskName, Selector, SnapshotId, SnapshotRef};
 use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
 use crate::store::backend::{Backend, Location};
 use crate::store::catalog::{Catalog, SnapshotRecord, Writer};
-use crate::store::chunk::LocalChunks;
-use crate::store::chunk_store::ChunkStore;
+use crate::store::chunks::local::LocalChunks;
+use crate::store::chunks::object::ObjectChunks;
+use crate::store::chunks::ChunkStore;
 use crate::store::crypto::{self, Keys};
 use crate::store::keys;
 use crate::store::manifest::{self, Manifest};
-use crate::store::object_chunks::ObjectChunks;
 
 pub const REPO_FORMAT: &str = "strata-repo/1";
 
@@ -156,7 +156,7 @@ pub fn read_config(backend: &dyn Backend) -> Result<Config> {
             format!("unknown format {:?}", config.format),
         ));
     }
-    if config.chunk_size == 0 || config.chunk_size > crate::store::chunk::MAX_CHUNK_SIZE as u64 {
+    if config.chunk_size == 0 || config.chunk_size > crate::store::chunks::MAX_CHUNK_SIZE as u64 {
         return Err(Error::NotARepository(
             where_(),
             format!("bad chunk_size {}", config.chunk_size),
@@ -447,7 +447,7 @@ impl Repository {
     }
 
     /// The ranges of `image` whose chunks are on record as damaged (see
-    /// `store::quarantine`), merged, in order.
+    /// `store::chunks::quarantine`), merged, in order.
     pub fn damaged_ranges(&self, image: &ImageMap) -> Result<Vec<ByteRange>> {
         let damaged = self.chunks.damaged()?;
         if damaged.is_empty() {
@@ -512,6 +512,24 @@ impl Repository {
         Ok(())
     }
 
+    /// The next free sequence number of `disk`'s ids. On object storage
+    /// the bucket's manifests count too, those not (yet) in the catalog
+    /// included: a domain run killed before its record left some.
+    fn next_seq(&self, w: &Writer, disk: &DiskName) -> Result<u32> {
+        let mut seq = w.next_seq(disk)?;
+        if self.is_remote() {
+            let prefix = format!("{}{disk}/", manifest::MANIFESTS_PREFIX);
+            for o in self.backend.list(&prefix)? {
+                if let Some((d, id)) = manifest::parse_key(&o.key) {
+                    if d == *disk {
+                        seq = seq.max(id.seq() + 1);
+                    }
+                }
+            }
+        }
+        Ok(seq)
+    }
+
     /// Make everything written durable: a local repository's file system,
     /// or the chunk uploads still in flight to a bucket.
     pub fn sync(&self) -> Result<()> {
@@ -561,7 +579,7 @@ impl Repository {
             }
             let mut seq = 1;
             for new in &news {
-                seq = seq.max(w.next_seq(&new.disk)?);
+                seq = seq.max(self.next_seq(w, &new.disk)?);
             }
             let id = SnapshotId::new(time, seq);
             if !self.is_remote() {
@@ -602,7 +620,7 @@ impl Repository {
             // the row joins; a missing parent fails before anything is written.
             let image = keyframe_image(w, &new.disk, new.parent.as_ref(), &new.own)?;
             log::debug!("keyframe: {}", image.is_some());
-            let seq = w.next_seq(&new.disk)?;
+            let seq = self.next_seq(w, &new.disk)?;
             let info = new.info(SnapshotId::new(new.time, seq), new.time);
             self.create_manifest(&Manifest::new(&info, &new.own), &info)?;
             log::debug!("manifest written");

@@ -14,15 +14,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::codec::{decode, encode_file, is_current_file};
+use super::object_cache::{self, ObjectCache};
+use super::quarantine::{on_damage, Taken};
+use super::uploader::Uploader;
+use super::{ChunkStore, PutOutcome};
 use crate::error::{Error, Result};
 use crate::model::chunk_id::ChunkId;
 use crate::store::backend::Backend;
-use crate::store::chunk::{decode, encode_file, is_current_file, PutOutcome};
-use crate::store::chunk_store::ChunkStore;
 use crate::store::crypto::Keys;
-use crate::store::object_cache::{self, ObjectCache};
-use crate::store::quarantine::{on_damage, Taken};
-use crate::store::uploader::Uploader;
 
 const CHUNKS: &str = "chunks/";
 const DAMAGED: &str = "damaged/";

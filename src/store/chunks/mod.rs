@@ -4,16 +4,25 @@
 //! an encrypted repository), check every read against the name, and move a
 //! chunk that fails the check out of use (see `quarantine`).
 //!
-//! [`LocalChunks`]: crate::store::chunk::LocalChunks
-//! [`ObjectChunks`]: crate::store::object_chunks::ObjectChunks
+//! [`LocalChunks`]: local::LocalChunks
+//! [`ObjectChunks`]: object::ObjectChunks
 
 use std::collections::HashSet;
 
 use crate::error::Result;
 use crate::model::chunk_id::ChunkId;
-use crate::store::chunk::{LocalChunks, PutOutcome};
-use crate::store::object_chunks::ObjectChunks;
-use crate::store::quarantine::Taken;
+pub mod codec;
+pub mod local;
+pub mod object;
+pub mod object_cache;
+pub mod quarantine;
+pub mod uploader;
+
+use local::LocalChunks;
+use object::ObjectChunks;
+use quarantine::Taken;
+
+pub use codec::{is_zero, MAX_CHUNK_SIZE};
 
 pub trait ChunkStore: Send + Sync {
     /// The name of a chunk holding `data` in this store.
@@ -76,41 +85,10 @@ pub trait ChunkStore: Send + Sync {
     }
 }
 
-impl ChunkStore for LocalChunks {
-    fn id_of(&self, data: &[u8]) -> ChunkId {
-        LocalChunks::id_of(self, data)
-    }
-    fn put(&self, data: &[u8]) -> Result<PutOutcome> {
-        LocalChunks::put(self, data)
-    }
-    fn get_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()> {
-        LocalChunks::get_into(self, id, into)
-    }
-    fn get_with_file(&self, id: &ChunkId, into: &mut Vec<u8>, file: &mut Vec<u8>) -> Result<()> {
-        LocalChunks::get_with_file(self, id, into, file)
-    }
-    fn put_file(&self, id: &ChunkId, file: &[u8], data: &[u8]) -> Result<u64> {
-        LocalChunks::put_file(self, id, file, data)
-    }
-    fn contains(&self, id: &ChunkId) -> bool {
-        LocalChunks::contains(self, id)
-    }
-    fn stored_size(&self, id: &ChunkId) -> Option<u64> {
-        LocalChunks::stored_size(self, id)
-    }
-    fn touch(&self, id: &ChunkId) -> bool {
-        LocalChunks::touch(self, id)
-    }
-    fn quarantine(&self, id: &ChunkId) -> Result<Option<Taken>> {
-        LocalChunks::quarantine(self, id)
-    }
-    fn damaged_records(&self) -> Result<Vec<ChunkId>> {
-        self.quarantined().list()
-    }
-    fn remove_damaged_record(&self, id: &ChunkId) -> Result<()> {
-        self.quarantined().remove(id)
-    }
-    fn as_local(&self) -> Option<&LocalChunks> {
-        Some(self)
-    }
+/// The result of storing a chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct PutOutcome {
+    pub id: ChunkId,
+    /// Bytes written to the store; 0 when the chunk was already there.
+    pub stored: u64,
 }

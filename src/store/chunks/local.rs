@@ -1,11 +1,5 @@
-//! The content-addressed chunk store: `chunks/<2 hex>/<64 hex>`.
-//!
-//! A chunk file is an 8-byte header (`SC`, version 2, encoding, payload
-//! length as u32 LE), the payload, zstd-compressed unless that would be
-//! larger, and zeroes up to a multiple of 4096 bytes. The padding costs no
-//! space (file systems allocate whole blocks) and lets the whole file be
-//! written with O_DIRECT. Version 1 files (a 4-byte header, no length, no
-//! padding) are still read.
+//! A local repository's chunk store: `chunks/<2 hex>/<64 hex>` files in
+//! the encoding of `codec`.
 //!
 //! A file is written unnamed (O_TMPFILE) and linked under its name once
 //! complete, so a chunk file under its final name is always whole;
@@ -22,190 +16,22 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use super::codec::{
+    chunk_id, decode, encode_into, is_current_file, padded, DIRECT_ALIGN, HEADER_LEN,
+};
+use super::quarantine::{on_damage, Quarantine, Taken};
+use super::{ChunkStore, PutOutcome};
 use crate::error::{Error, IoContext, Result};
 use crate::model::chunk_id::ChunkId;
-use crate::store::crypto::{Keys, NONCE_LEN, SEAL_OVERHEAD, TAG_LEN};
-use crate::store::quarantine::{on_damage, Quarantine, Taken};
-
-/// Chunks never exceed this many bytes of raw data.
-pub const MAX_CHUNK_SIZE: usize = 4 << 20;
-
-const MAGIC: [u8; 2] = *b"SC";
-/// The chunk file version written; [`VERSION_1`] files are still read.
-pub const VERSION: u8 = 2;
-pub const VERSION_1: u8 = 1;
-const ENC_RAW: u8 = 0;
-const ENC_ZSTD: u8 = 1;
-/// Set on the encoding byte of a chunk sealed with the repository's key.
-const ENC_SEALED: u8 = 0x80;
-const HEADER_LEN: usize = 8;
-const HEADER_LEN_1: usize = 4;
+use crate::store::crypto::{Keys, SEAL_OVERHEAD};
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
-    // zstd contexts are costly to set up; each worker thread keeps its own.
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
-    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
     // Chunk files as read from disk, before decoding: one buffer per thread.
     static FILE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     // Chunk files being written, aligned for O_DIRECT: one buffer per thread.
     static WRITE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Compress `data` into `out`; `None` when it does not fit (no gain).
-fn compress_into(data: &[u8], level: i32, out: &mut [u8]) -> Result<Option<usize>> {
-    COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-            let c = zstd::bulk::Compressor::new(level).ctx(|| "zstd init".into())?;
-            *slot = Some((level, c));
-        }
-        let (_, c) = slot.as_mut().expect("compressor was just set");
-        // Too small a destination is zstd's error for "no gain".
-        Ok(c.compress_to_buffer(data, out).ok())
-    })
-}
-
-fn decompress(payload: &[u8], into: &mut Vec<u8>) -> std::io::Result<()> {
-    DECOMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new()?);
-        }
-        let d = slot.as_mut().expect("decompressor was just set");
-        into.clear();
-        // Reserve what the frame says it holds (bounded), not the maximum:
-        // decoded chunks sit in caches, where spare capacity is waste.
-        let want = zstd::zstd_safe::get_frame_content_size(payload)
-            .ok()
-            .flatten()
-            .map_or(MAX_CHUNK_SIZE, |n| (n as usize).min(MAX_CHUNK_SIZE));
-        into.reserve_exact(want);
-        d.decompress_to_buffer(payload, into)?;
-        Ok(())
-    })
-}
-
-/// Length of the file holding a chunk body of `len` bytes.
-fn padded(len: usize) -> usize {
-    len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
-}
-
-/// Encode raw data as a chunk file into `out`, which must hold
-/// `padded(HEADER_LEN + SEAL_OVERHEAD + data.len())` bytes; returns the
-/// body's length (header and payload). The file is `out[..padded(body)]`.
-/// With `seal`, the payload is sealed under the chunk's name after
-/// compression.
-fn encode_into(
-    data: &[u8],
-    level: i32,
-    seal: Option<(&Keys, &ChunkId)>,
-    out: &mut [u8],
-) -> Result<usize> {
-    out[..2].copy_from_slice(&MAGIC);
-    out[2] = VERSION;
-    let start = HEADER_LEN + if seal.is_some() { NONCE_LEN } else { 0 };
-    // Compressed output must be smaller than the data to be worth it.
-    let room = start + data.len().saturating_sub(1);
-    let (mut encoding, len) = match compress_into(data, level, &mut out[start..room])? {
-        Some(n) => (ENC_ZSTD, n),
-        None => {
-            out[start..start + data.len()].copy_from_slice(data);
-            (ENC_RAW, data.len())
-        }
-    };
-    let body = match seal {
-        Some((keys, id)) => {
-            keys.seal_chunk(id, &mut out[HEADER_LEN..start + len + TAG_LEN])?;
-            encoding |= ENC_SEALED;
-            len + SEAL_OVERHEAD
-        }
-        None => len,
-    };
-    out[3] = encoding;
-    let payload_len = u32::try_from(body).expect("chunks are at most MAX_CHUNK_SIZE");
-    out[4..HEADER_LEN].copy_from_slice(&payload_len.to_le_bytes());
-    out[HEADER_LEN + body..padded(HEADER_LEN + body)].fill(0);
-    Ok(HEADER_LEN + body)
-}
-
-/// The encoding byte and payload of a chunk file, or what is wrong with it.
-fn parse(file: &[u8]) -> std::result::Result<(u8, std::ops::Range<usize>), &'static str> {
-    if file.len() < HEADER_LEN_1 || file[..2] != MAGIC {
-        return Err("bad header (truncated or not a chunk)");
-    }
-    match file[2] {
-        VERSION_1 => Ok((file[3], HEADER_LEN_1..file.len())),
-        VERSION if file.len() >= HEADER_LEN => {
-            let len = u32::from_le_bytes(file[4..HEADER_LEN].try_into().expect("4 bytes")) as usize;
-            let end = HEADER_LEN
-                .checked_add(len)
-                .filter(|&end| end <= file.len())
-                .ok_or("truncated")?;
-            // Damage in the padding is damage too: verify must report it.
-            if !is_zero(&file[end..]) {
-                return Err("nonzero padding");
-            }
-            Ok((file[3], HEADER_LEN..end))
-        }
-        _ => Err("bad header (truncated or not a chunk)"),
-    }
-}
-
-/// Whether `buf` is all zero bytes, a machine word at a time.
-pub fn is_zero(buf: &[u8]) -> bool {
-    // SAFETY: u128 has no invalid bit patterns; align_to handles the edges.
-    let (head, body, tail) = unsafe { buf.align_to::<u128>() };
-    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
-/// Decode a chunk file into `into` and check it against `id` (keyed by
-/// `keys` in an encrypted repository, which only accepts sealed chunks).
-/// `file` is opened in place.
-pub fn decode(
-    id: &ChunkId,
-    file: &mut [u8],
-    into: &mut Vec<u8>,
-    keys: Option<&Keys>,
-) -> Result<()> {
-    let bad = |message: &str| Error::BadChunk {
-        hash: id.to_hex(),
-        message: message.to_string(),
-    };
-    let (encoding, range) = parse(file).map_err(bad)?;
-    let payload = match (encoding & ENC_SEALED != 0, keys) {
-        (true, Some(keys)) => {
-            let body = &mut file[range];
-            let open = keys.open_chunk(id, body).map_err(|e| bad(&e.to_string()))?;
-            &body[open]
-        }
-        (false, None) => &file[range],
-        (true, None) => return Err(bad("sealed (encrypted) chunk in an unencrypted repository")),
-        (false, Some(_)) => return Err(bad("not sealed, in an encrypted repository")),
-    };
-    match encoding & !ENC_SEALED {
-        ENC_RAW => {
-            into.clear();
-            into.extend_from_slice(payload);
-        }
-        ENC_ZSTD => {
-            decompress(payload, into).map_err(|e| bad(&format!("cannot decompress: {e}")))?
-        }
-        _ => return Err(bad("unknown encoding")),
-    }
-    if chunk_id(keys, into) != *id {
-        return Err(bad("content does not match its hash"));
-    }
-    Ok(())
-}
-
-/// The name of a chunk holding `data`: keyed in an encrypted repository.
-fn chunk_id(keys: Option<&Keys>, data: &[u8]) -> ChunkId {
-    match keys {
-        Some(k) => k.chunk_id(data),
-        None => ChunkId::of(data),
-    }
 }
 
 /// Where chunks live, and how to put and get them.
@@ -220,30 +46,6 @@ pub struct LocalChunks {
     quarantine: Quarantine,
     /// An encrypted repository's keys: chunk names are keyed, bodies sealed.
     keys: Option<Arc<Keys>>,
-}
-
-/// The stored form of a chunk holding `data` under `id` (sealed with
-/// `keys`): the same bytes a local store writes to its file.
-pub fn encode_file(data: &[u8], level: i32, keys: Option<&Keys>, id: &ChunkId) -> Result<Vec<u8>> {
-    let mut out = vec![0u8; padded(HEADER_LEN + SEAL_OVERHEAD + data.len())];
-    let len = encode_into(data, level, keys.map(|k| (k, id)), &mut out)?;
-    out.truncate(padded(len));
-    Ok(out)
-}
-
-/// Whether an encoded chunk is in the current (padded) format, which
-/// [`ChunkStore::put_file`](crate::store::chunk_store::ChunkStore::put_file)
-/// stores as it is.
-pub fn is_current_file(file: &[u8]) -> bool {
-    file.get(2) == Some(&VERSION) && file.len() % DIRECT_ALIGN == 0
-}
-
-/// The result of storing a chunk.
-#[derive(Debug, Clone, Copy)]
-pub struct PutOutcome {
-    pub id: ChunkId,
-    /// Bytes written to the store; 0 when the chunk was already there.
-    pub stored: u64,
 }
 
 impl LocalChunks {
@@ -473,10 +275,6 @@ impl LocalChunks {
         Ok(out)
     }
 }
-
-/// O_DIRECT wants buffers, offsets and lengths aligned to the logical block
-/// size; 4096 covers every common device.
-const DIRECT_ALIGN: usize = 4096;
 
 /// Where in `buf` a `DIRECT_ALIGN`ed run of `len` bytes starts, growing
 /// `buf` as needed. Grown, never cleared: zero-filling a chunk-sized buffer
@@ -711,8 +509,48 @@ fn touch_at(dir: &fs::File, name: &CStr) -> bool {
     unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), std::ptr::null(), 0) == 0 }
 }
 
+impl ChunkStore for LocalChunks {
+    fn id_of(&self, data: &[u8]) -> ChunkId {
+        LocalChunks::id_of(self, data)
+    }
+    fn put(&self, data: &[u8]) -> Result<PutOutcome> {
+        LocalChunks::put(self, data)
+    }
+    fn get_into(&self, id: &ChunkId, into: &mut Vec<u8>) -> Result<()> {
+        LocalChunks::get_into(self, id, into)
+    }
+    fn get_with_file(&self, id: &ChunkId, into: &mut Vec<u8>, file: &mut Vec<u8>) -> Result<()> {
+        LocalChunks::get_with_file(self, id, into, file)
+    }
+    fn put_file(&self, id: &ChunkId, file: &[u8], data: &[u8]) -> Result<u64> {
+        LocalChunks::put_file(self, id, file, data)
+    }
+    fn contains(&self, id: &ChunkId) -> bool {
+        LocalChunks::contains(self, id)
+    }
+    fn stored_size(&self, id: &ChunkId) -> Option<u64> {
+        LocalChunks::stored_size(self, id)
+    }
+    fn touch(&self, id: &ChunkId) -> bool {
+        LocalChunks::touch(self, id)
+    }
+    fn quarantine(&self, id: &ChunkId) -> Result<Option<Taken>> {
+        LocalChunks::quarantine(self, id)
+    }
+    fn damaged_records(&self) -> Result<Vec<ChunkId>> {
+        self.quarantined().list()
+    }
+    fn remove_damaged_record(&self, id: &ChunkId) -> Result<()> {
+        self.quarantined().remove(id)
+    }
+    fn as_local(&self) -> Option<&LocalChunks> {
+        Some(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::codec::ENC_RAW;
     use super::*;
 
     /// A chunk store in a temporary directory (removed when dropped).

@@ -1,8 +1,10 @@
 //! This host's size-bounded cache of chunks of a repository on object
 //! storage: encoded chunk files under `<home>/cache/xx/<hash>`, exactly as
 //! stored in the bucket, so every read from it is checked like a read from
-//! the bucket. Files are written whole (temporary name, rename); when the
-//! cache outgrows its limit the oldest files go until it is at 80%.
+//! the bucket. Files are written whole (temporary name, rename), one at a
+//! time (writes, removals and the count of bytes go together, so the
+//! bound holds exactly); when the cache would outgrow its limit the oldest
+//! files go until it is at 80%.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,8 @@ pub struct ObjectCache {
     dir: PathBuf,
     limit: u64,
     used: AtomicU64,
-    evicting: Mutex<()>,
+    /// Held while the cache's files change.
+    writing: Mutex<()>,
 }
 
 /// The cache size from `STRATA_CACHE_SIZE` (`--cache-size`): bytes, or
@@ -58,12 +61,13 @@ impl ObjectCache {
             dir: dir.to_path_buf(),
             limit,
             used: AtomicU64::new(0),
-            evicting: Mutex::new(()),
+            writing: Mutex::new(()),
         };
         let used = cache.files()?.iter().map(|f| f.1).sum();
         cache.used.store(used, Ordering::Relaxed);
         if used > limit {
-            cache.evict();
+            let _w = cache.lock();
+            cache.evict(0);
         }
         Ok(cache)
     }
@@ -76,8 +80,13 @@ impl ObjectCache {
         fs::read(self.path(hex)).ok()
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Drop a file that failed its check.
     pub fn remove(&self, hex: &str) {
+        let _w = self.lock();
         if let Ok(m) = fs::metadata(self.path(hex)) {
             if fs::remove_file(self.path(hex)).is_ok() {
                 self.used.fetch_sub(
@@ -90,18 +99,19 @@ impl ObjectCache {
 
     /// Keep a copy of a chunk file. Failures only cost a later download.
     pub fn insert(&self, hex: &str, body: &[u8]) {
-        if self.limit == 0 || body.len() as u64 > self.limit / 4 {
+        let len = body.len() as u64;
+        if self.limit == 0 || len > self.limit / 4 {
             return;
         }
         let path = self.path(hex);
+        let _w = self.lock();
         if path.exists() {
             return;
         }
-        let tmp = path.with_extension(format!(
-            "tmp.{}.{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
+        if self.used() + len > self.limit {
+            self.evict(len);
+        }
+        let tmp = path.with_extension("tmp");
         let written = fs::create_dir_all(path.parent().unwrap_or(&self.dir))
             .and_then(|()| fs::write(&tmp, body))
             .and_then(|()| fs::rename(&tmp, &path));
@@ -109,10 +119,7 @@ impl ObjectCache {
             let _ = fs::remove_file(&tmp);
             return;
         }
-        let used = self.used.fetch_add(body.len() as u64, Ordering::Relaxed) + body.len() as u64;
-        if used > self.limit {
-            self.evict();
-        }
+        self.used.fetch_add(len, Ordering::Relaxed);
     }
 
     /// Every file with its size and mtime.
@@ -135,16 +142,15 @@ impl ObjectCache {
         Ok(out)
     }
 
-    fn evict(&self) {
-        let Ok(_guard) = self.evicting.try_lock() else {
-            return; // another thread is at it
-        };
+    /// Remove the oldest files until `room` more bytes fit under 80% of
+    /// the limit. Called with the lock held.
+    fn evict(&self, room: u64) {
         let Ok(mut files) = self.files() else {
             return;
         };
         files.sort_by_key(|f| f.2);
         let mut used: u64 = files.iter().map(|f| f.1).sum();
-        let target = self.limit / 10 * 8;
+        let target = (self.limit / 10 * 8).saturating_sub(room);
         for (path, len, _) in files {
             if used <= target {
                 break;
