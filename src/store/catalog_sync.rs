@@ -76,6 +76,9 @@ pub fn sync(repo: &Repository) -> Result<bool> {
                     continue;
                 }
             };
+            // Another process on this host may have synced it meanwhile
+            // (the transaction waited for its): replace, never duplicate.
+            w.delete(&info.disk, &info.id)?;
             w.insert(&SnapshotRecord {
                 info: info.clone(),
                 own: own.clone(),
