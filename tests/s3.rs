@@ -604,3 +604,47 @@ fn nbd_pull_and_push_into_a_bucket() {
     );
     env.assert_restores("pushed@latest", &t1);
 }
+
+/// A forget on one host rewrites a child another host committed; gc on
+/// that other host then marks the child as it is now, and deletes nothing
+/// it needs.
+#[test]
+fn a_forget_on_one_host_is_seen_by_gc_on_another() {
+    let server = SeaweedFs::start();
+    let (bucket, a) = new_repo(&server, "forgetgc");
+    let chain = raw_chain(&a, "vm/a", 4 << 20, 2);
+    let b = host(&server, &bucket, "b");
+    b.ok(&["forget", &chain[0].0, &chain[1].0]);
+    // Host a committed chain[2] itself and has not looked since.
+    a.ok(&["gc"]);
+    a.assert_restores(&chain[2].0, &chain[2].1);
+    let verify: serde_json::Value = serde_json::from_str(&a.ok(&["verify", "--json"])).unwrap();
+    assert_eq!(verify["ok"], true, "{verify}");
+    assert_eq!(a.snapshots().len(), 1);
+}
+
+/// A manifest that cannot be read stops gc (which marks from the catalog)
+/// before it deletes anything; other commands go on without it.
+#[test]
+fn gc_refuses_to_run_past_a_damaged_manifest() {
+    let server = SeaweedFs::start();
+    let (bucket, env) = new_repo(&server, "badmanifest");
+    let chain = raw_chain(&env, "vm/a", 4 << 20, 1);
+    write_random(&env.path("x.raw"), 30, 1 << 20);
+    let x = env.backup(&["--disk", "vm/x", env.path("x.raw").to_str().unwrap()]);
+    env.ok(&["forget", &x]); // garbage that gc would delete
+    let (disk, id) = chain[1].0.split_once('@').unwrap();
+    server.put(
+        &bucket,
+        &format!("repo/manifests/{disk}/{id}.json"),
+        b"{not json",
+    );
+    let chunks = server.list(&bucket, "repo/chunks/");
+    let fresh = host(&server, &bucket, "fresh");
+    let err = fresh.fails(&["gc"]);
+    assert!(err.contains("cannot be brought up to date"), "{err}");
+    assert_eq!(server.list(&bucket, "repo/chunks/"), chunks);
+    // Listing and restoring what is readable still work.
+    assert_eq!(fresh.snapshots().len(), 1);
+    fresh.assert_restores(&chain[0].0, &chain[0].1);
+}

@@ -96,17 +96,70 @@ pub fn forget_one(repo: &Repository, info: &SnapshotInfo) -> Result<()> {
     // On object storage this is what removes the snapshot: its manifest
     // is the truth there (the children above no longer name it).
     let key = manifest::manifest_key(&current.disk, &current.id);
+    if repo.is_remote() {
+        crate::store::lease::ensure_held()?;
+    }
     if let Err(e) = repo.backend().delete(&key) {
         if repo.is_remote() {
             return Err(e);
         }
         log::warn!("{key}: {e} (gc will remove it)");
     }
+    if repo.is_remote() {
+        adopt_late_children(repo, &current, &own)?;
+    }
     log::info!(
         "forgot {} ({} children rewritten)",
         current.reference(),
         children.len()
     );
+    Ok(())
+}
+
+/// On object storage a backup that began before this forget may have
+/// committed a child of `current` after its children were rewritten (a
+/// backup waits for maintenance only when it starts). Such a child is
+/// rewritten too, now that `current` is gone; a backup committing later
+/// still finds its parent gone and takes its manifest back
+/// (`Repository::commit`).
+fn adopt_late_children(repo: &Repository, current: &SnapshotInfo, own: &ImageMap) -> Result<()> {
+    let known: std::collections::HashSet<String> = repo
+        .snapshots(Some(&current.disk))?
+        .iter()
+        .map(|s| s.id.to_string())
+        .collect();
+    let prefix = format!("{}{}/", manifest::MANIFESTS_PREFIX, current.disk);
+    for o in repo.backend().list(&prefix)? {
+        let Some((disk, id)) = manifest::parse_key(&o.key) else {
+            continue;
+        };
+        if disk != current.disk || known.contains(id.as_str()) {
+            continue;
+        }
+        let (child, child_own) =
+            manifest::read(repo.backend(), &disk, &id, repo.keys())?.decode()?;
+        if child.parent.as_ref() != Some(&current.id) {
+            continue;
+        }
+        let mut info = child.clone();
+        info.parent = current.parent.clone();
+        if current.kind == SnapshotKind::Full {
+            info.kind = SnapshotKind::Full;
+        }
+        let merged = inherited(current, own, child.size).overlay(&child_own);
+        manifest::write(
+            repo.backend(),
+            &Manifest::new(&info, &merged),
+            &disk,
+            &id,
+            repo.keys(),
+        )?;
+        log::info!(
+            "rewrote {}, committed while {} was forgotten",
+            child.reference(),
+            current.reference()
+        );
+    }
     Ok(())
 }
 

@@ -136,7 +136,19 @@ pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> 
             .map(|h| format!("{}.{}", h.pid, (h.started * 1e6) as u64))
             .collect()
     };
-    referenced.extend(pins::pinned_chunks(repo.backend(), &live)?);
+    // A mount or restore that started after the look above counts too.
+    let alive_now = |name: &str| -> Result<bool> {
+        if repo.is_remote() {
+            let key = format!("{}{name}.json", lease::LEASES);
+            return Ok(lease::list(repo.backend())?
+                .iter()
+                .any(|l| l.key == key && !l.is_stale()));
+        }
+        Ok(lock::holders(repo.home())?
+            .iter()
+            .any(|h| format!("{}.{}", h.pid, (h.started * 1e6) as u64) == name))
+    };
+    referenced.extend(pins::pinned_chunks(repo.backend(), &live, &alive_now)?);
     crate::testhook::pause("gc:marked");
 
     let mut report = GcReport::default();
@@ -153,6 +165,7 @@ pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> 
                 ))
             }
             None => {
+                lease::ensure_held()?;
                 sweep_objects(objects, &referenced, &mut report)?;
                 sweep_unfinished_runs(repo, &snaps, &mut report)?;
             }

@@ -36,18 +36,7 @@ pub struct Restored {
 /// ranges are left zero and returned, the rest is written.
 pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<Restored> {
     let map = crate::serve::compact_image_map(repo, info)?;
-    // Pinned like a mount's open image, so that a forget and gc meanwhile
-    // (on any host) leave its chunks alone.
-    let registration = Registration::new(
-        repo,
-        Activity::Restore,
-        &format!("restore {}", info.reference()),
-    )?;
-    let pins = PinDir::create(repo, &registration)?;
-    pins.pin_encoded(0, &map.encode())?;
-    if !repo.still_exists(info)? {
-        return Err(Error::SnapshotNotFound(info.reference()));
-    }
+    let _pinned = pin(repo, info, &map)?;
     let (file, readable) = open_target(target).ctx(|| format!("open {}", target.display()))?;
     let meta = file
         .metadata()
@@ -93,6 +82,40 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
             .ctx(|| format!("fsync {}", target.display()))?;
     }
     Ok(restored)
+}
+
+/// Pin the image like a mount's open image, so that a forget and gc
+/// meanwhile (on any host) leave its chunks alone, and check that the
+/// snapshot is still there. A local repository this user cannot write to
+/// (mounted read-only, say) is restored from unpinned, with a warning:
+/// nothing can change it anyway, unless another user runs gc there.
+fn pin(
+    repo: &Repository,
+    info: &SnapshotInfo,
+    map: &crate::model::compact_map::CompactMap,
+) -> Result<Option<(Registration, PinDir)>> {
+    let pinned = Registration::new(
+        repo,
+        Activity::Restore,
+        &format!("restore {}", info.reference()),
+    )
+    .and_then(|r| {
+        let pins = PinDir::create(repo, &r)?;
+        pins.pin_encoded(0, &map.encode())?;
+        Ok((r, pins))
+    });
+    let pinned = match pinned {
+        Ok(p) => Some(p),
+        Err(Error::Io { context, err }) if !repo.is_remote() => {
+            log::warn!("restoring without a pin: {context}: {err}");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if !repo.still_exists(info)? {
+        return Err(Error::SnapshotNotFound(info.reference()));
+    }
+    Ok(pinned)
 }
 
 /// Open for writing, and for reading too where allowed (for the prefault,

@@ -20,22 +20,29 @@ use crate::store::repo::{keyframe_image, Repository};
 const FETCHERS: usize = 8;
 
 /// Sync `repo`'s catalog with its manifests; true when anything changed.
-pub fn sync(repo: &Repository) -> Result<bool> {
+/// A manifest that cannot be read or whose parent is missing is left out
+/// and logged, unless `strict`: then the sync fails and changes nothing.
+/// Maintenance (gc above all, which deletes what the catalog does not
+/// name) syncs strictly.
+pub fn sync(repo: &Repository, strict: bool) -> Result<bool> {
+    // Rows first: a row committed by another process on this host after
+    // the listing would otherwise look like a manifest that went away.
+    let rows = repo.catalog().versions()?;
     let mut listed: HashMap<(String, String), ObjectInfo> = HashMap::new();
     for o in manifest::list(repo.backend())? {
         if let Some((disk, id)) = manifest::parse_key(&o.key) {
             listed.insert((disk.to_string(), id.to_string()), o);
         }
     }
-    let rows = repo.catalog().versions()?;
     let mut stale = Vec::new();
-    let mut record = Vec::new();
     let mut seen = HashSet::new();
     for (disk, id, version) in rows {
         let k = (disk, id);
         match (listed.get(&k), version) {
             (None, _) => stale.push(k.clone()),
-            (Some(o), None) => record.push((k.clone(), o.version.clone())),
+            // Committed here: read once, since another host may have
+            // rewritten it (forgetting its parent) before this sync.
+            (Some(_), None) => stale.push(k.clone()),
             (Some(o), Some(v)) if v != o.version => stale.push(k.clone()),
             _ => {}
         }
@@ -46,11 +53,11 @@ pub fn sync(repo: &Repository) -> Result<bool> {
         .filter(|(k, _)| !seen.contains(*k) || stale.contains(k))
         .map(|(_, o)| o)
         .collect();
-    if stale.is_empty() && fetch.is_empty() && record.is_empty() {
+    if stale.is_empty() && fetch.is_empty() {
         return Ok(false);
     }
     fetch.sort_by(|a, b| a.key.cmp(&b.key));
-    let fetched = fetch_all(repo, &fetch);
+    let (fetched, mut failed) = fetch_all(repo, &fetch);
     let ordered = parents_first(complete_runs(repo, fetched)?);
     let mut cat = repo.catalog();
     cat.write(|w| {
@@ -62,9 +69,6 @@ pub fn sync(repo: &Repository) -> Result<bool> {
                 w.delete(&d, &i)?;
             }
         }
-        for ((disk, id), version) in &record {
-            w.set_version(disk, id, version)?;
-        }
         for (info, own, version) in &ordered {
             // A parent missing (being forgotten elsewhere right now, or
             // damage that verify reports) keeps the row out until it is
@@ -72,7 +76,7 @@ pub fn sync(repo: &Repository) -> Result<bool> {
             let image = match keyframe_image(w, &info.disk, info.parent.as_ref(), own) {
                 Ok(image) => image,
                 Err(e) => {
-                    log::warn!("{}: not listed: {e}", info.reference());
+                    failed.push(format!("{}: {e}", info.reference()));
                     continue;
                 }
             };
@@ -85,6 +89,17 @@ pub fn sync(repo: &Repository) -> Result<bool> {
                 image,
             })?;
             w.set_version(info.disk.as_str(), info.id.as_str(), version)?;
+        }
+        if strict && !failed.is_empty() {
+            return Err(crate::Error::invalid(format!(
+                "the catalog cannot be brought up to date with the repository, so nothing \
+                 was changed: {}. If a manifest is damaged, `strata verify` names it; \
+                 removing it gives its snapshot up",
+                failed.join("; ")
+            )));
+        }
+        for f in &failed {
+            log::warn!("not listed: {f}");
         }
         Ok(())
     })?;
@@ -125,14 +140,14 @@ fn complete_runs(
     Ok(out)
 }
 
-/// Read and decode manifests in parallel; unusable ones are reported and
-/// left out.
-fn fetch_all(
-    repo: &Repository,
-    objects: &[&ObjectInfo],
-) -> Vec<(SnapshotInfo, ImageMap, String, Option<String>)> {
+type Fetched = (SnapshotInfo, ImageMap, String, Option<String>);
+
+/// Read and decode manifests in parallel: the usable ones, and why the
+/// others are not.
+fn fetch_all(repo: &Repository, objects: &[&ObjectInfo]) -> (Vec<Fetched>, Vec<String>) {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let out = std::sync::Mutex::new(Vec::new());
+    let failed = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..FETCHERS.min(objects.len()) {
             s.spawn(|| loop {
@@ -151,12 +166,18 @@ fn fetch_all(
                         o.version.clone(),
                         run,
                     )),
-                    Err(e) => log::warn!("{}: skipped: {e}", o.key),
+                    Err(e) => failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(format!("{}: {e}", o.key)),
                 }
             });
         }
     });
-    out.into_inner().unwrap_or_else(|e| e.into_inner())
+    (
+        out.into_inner().unwrap_or_else(|e| e.into_inner()),
+        failed.into_inner().unwrap_or_else(|e| e.into_inner()),
+    )
 }
 
 /// Order snapshots so that a parent comes before its children. A parent

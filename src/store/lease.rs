@@ -11,9 +11,9 @@
 //! is in `care::gc`. Expiry compares the holder's clock with the reader's:
 //! hosts must agree on the time within a minute.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,8 @@ const MAINTENANCE: &str = "leases/maintenance.json";
 pub const TTL: Duration = Duration::from_secs(300);
 /// How often a holder refreshes its lease.
 pub const REFRESH: Duration = Duration::from_secs(60);
+/// A lease older than `TTL - SAFETY` no longer counts as held here.
+const SAFETY: Duration = Duration::from_secs(90);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeaseInfo {
@@ -91,6 +93,51 @@ pub struct Lease {
     info: LeaseInfo,
     stop: Arc<(Mutex<bool>, Condvar)>,
     refresher: Option<JoinHandle<()>>,
+    _state: Arc<State>,
+}
+
+/// How a lease object is written.
+enum Take {
+    /// This process's own key: plain write.
+    Own,
+    /// Create-only: fails if someone holds it.
+    New,
+    /// Over a stale holder's lease at this version.
+    Over(String),
+}
+
+/// When a held lease was last written successfully.
+struct State {
+    refreshed: Mutex<Instant>,
+}
+
+/// The leases this process holds, for [`ensure_held`].
+fn held() -> std::sync::MutexGuard<'static, Vec<Weak<State>>> {
+    static HELD: Mutex<Vec<Weak<State>>> = Mutex::new(Vec::new());
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    held.retain(|w| w.strong_count() > 0);
+    held
+}
+
+/// Fail if a lease of this process went unrefreshed for so long that
+/// other hosts may take it for stale (and gc there may have acted on
+/// that): a commit or a deletion must not go ahead then.
+pub fn ensure_held() -> Result<()> {
+    for state in held().iter().filter_map(Weak::upgrade) {
+        let age = state
+            .refreshed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        if age + SAFETY > TTL {
+            return Err(Error::invalid(format!(
+                "this process could not refresh its lease for {} s (the repository unreachable?): \
+                 other hosts may have taken it for stale, so it stops here; run it again",
+                age.as_secs()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn body(info: &LeaseInfo) -> Vec<u8> {
@@ -111,13 +158,19 @@ impl Lease {
         let host = host_name();
         let pid = std::process::id();
         let key = format!("{LEASES}{host}.{pid}.{}.json", now.timestamp_micros());
-        Self::write(backend, key, kind, what, mountpoint, now, false)
+        Self::write(backend, key, kind, what, mountpoint, now, Take::Own)
     }
 
     /// Take the maintenance lease, or fail naming its holder. A stale one
-    /// is removed first.
+    /// is taken over by a write conditional on its version, so that of two
+    /// commands finding it stale only one wins.
     pub fn maintenance(backend: Arc<dyn Backend>, what: &str) -> Result<Lease> {
-        for _ in 0..2 {
+        let busy = |holder: &LeaseInfo| {
+            Error::Busy(format!(
+                "cannot {what}: {holder} is running; try again when it has finished"
+            ))
+        };
+        for _ in 0..3 {
             match Self::write(
                 backend.clone(),
                 MAINTENANCE.into(),
@@ -125,21 +178,33 @@ impl Lease {
                 what,
                 None,
                 Utc::now(),
-                true,
+                Take::New,
             ) {
                 Err(Error::Busy(_)) => {}
                 other => return other,
             }
+            let Some(version) = backend.head(MAINTENANCE)?.map(|o| o.version) else {
+                continue; // released meanwhile
+            };
             let Some(holder) = read(backend.as_ref(), MAINTENANCE)? else {
-                continue; // just released
+                continue;
             };
             if !holder.is_stale() {
-                return Err(Error::Busy(format!(
-                    "cannot {what}: {holder} is running; try again when it has finished"
-                )));
+                return Err(busy(&holder));
             }
-            log::warn!("removing the stale maintenance lease of {holder}");
-            backend.delete(MAINTENANCE)?;
+            log::warn!("taking over the stale maintenance lease of {holder}");
+            match Self::write(
+                backend.clone(),
+                MAINTENANCE.into(),
+                "maintenance",
+                what,
+                None,
+                Utc::now(),
+                Take::Over(version),
+            ) {
+                Err(Error::Busy(_)) => {}
+                other => return other,
+            }
         }
         Err(Error::Busy(format!(
             "cannot {what}: another maintenance command keeps starting"
@@ -153,7 +218,7 @@ impl Lease {
         what: &str,
         mountpoint: Option<String>,
         started: DateTime<Utc>,
-        exclusive: bool,
+        take: Take,
     ) -> Result<Lease> {
         let info = LeaseInfo {
             kind: kind.into(),
@@ -165,19 +230,25 @@ impl Lease {
             what: what.into(),
             key: key.clone(),
         };
-        if exclusive {
-            if !backend.put_new(&key, &body(&info))? {
-                return Err(Error::Busy(key));
-            }
-        } else {
-            backend.put(&key, &body(&info))?;
+        let taken = match take {
+            Take::Own => backend.put(&key, &body(&info)).map(|()| true)?,
+            Take::New => backend.put_new(&key, &body(&info))?,
+            Take::Over(version) => backend.replace_if(&key, &body(&info), &version)?,
+        };
+        if !taken {
+            return Err(Error::Busy(key));
         }
+        let state = Arc::new(State {
+            refreshed: Mutex::new(Instant::now()),
+        });
+        held().push(Arc::downgrade(&state));
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let refresher = {
-            let (backend, info, stop) = (backend.clone(), info.clone(), stop.clone());
+            let (backend, info, stop, state) =
+                (backend.clone(), info.clone(), stop.clone(), state.clone());
             std::thread::Builder::new()
                 .name("strata-lease".into())
-                .spawn(move || refresh(backend.as_ref(), &info, &stop))
+                .spawn(move || refresh(backend.as_ref(), &info, &stop, &state))
                 .map_err(|e| Error::io("start the lease refresher", e))?
         };
         Ok(Lease {
@@ -185,6 +256,7 @@ impl Lease {
             info,
             stop,
             refresher: Some(refresher),
+            _state: state,
         })
     }
 
@@ -195,7 +267,7 @@ impl Lease {
 
 /// Rewrite the lease every `REFRESH` until told to stop. A failed refresh
 /// is retried at the next one; the TTL leaves room for four.
-fn refresh(backend: &dyn Backend, info: &LeaseInfo, stop: &(Mutex<bool>, Condvar)) {
+fn refresh(backend: &dyn Backend, info: &LeaseInfo, stop: &(Mutex<bool>, Condvar), state: &State) {
     let (lock, cv) = stop;
     let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
     loop {
@@ -206,8 +278,9 @@ fn refresh(backend: &dyn Backend, info: &LeaseInfo, stop: &(Mutex<bool>, Condvar
         if *stopped {
             return;
         }
-        if let Err(e) = backend.put(&info.key, &body(info)) {
-            log::warn!("refreshing lease {}: {e}", info.key);
+        match backend.put(&info.key, &body(info)) {
+            Ok(()) => *state.refreshed.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now(),
+            Err(e) => log::warn!("refreshing lease {}: {e}", info.key),
         }
     }
 }

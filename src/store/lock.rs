@@ -110,6 +110,8 @@ impl Registration {
         let mut reg = Self::local(repo.home(), activity, what)?;
         if let Some(backend) = repo.shared_backend() {
             reg.lease = Some(lease_for(backend, activity, what, mountpoint)?);
+            // A maintenance command may have run while this one waited.
+            repo.refresh()?;
         }
         Ok(reg)
     }
@@ -239,6 +241,9 @@ impl MaintenanceLock {
         let mut lock = Self::local(repo.home(), what)?;
         if let Some(backend) = repo.shared_backend() {
             lock._lease = Some(Lease::maintenance(backend, what)?);
+            // What was committed between the open and the lease counts:
+            // gc must mark it, forget rewrite it.
+            repo.refresh_strict()?;
         }
         Ok(lock)
     }

@@ -85,19 +85,29 @@ impl Drop for PinDir {
     }
 }
 
-/// The chunks pinned by the live holders named in `live` (see
-/// [`Registration::pin_name`]); pins of holders that are gone are removed.
-pub fn pinned_chunks(backend: &dyn Backend, live: &HashSet<String>) -> Result<HashSet<ChunkId>> {
+/// The chunks pinned by live holders (see [`Registration::pin_name`]):
+/// those named in `live`, and those `alive_now` finds alive, asked only
+/// for names not in `live` (a holder that registered after the caller
+/// looked). Pins of holders that are gone are removed.
+pub fn pinned_chunks(
+    backend: &dyn Backend,
+    live: &HashSet<String>,
+    alive_now: &dyn Fn(&str) -> Result<bool>,
+) -> Result<HashSet<ChunkId>> {
     let mut chunks = HashSet::new();
     let mut dead_dirs = HashSet::new();
+    let mut late: HashSet<String> = HashSet::new();
     for pin in backend.list(PINS)? {
         let Some((name, file)) = pin.key[PINS.len()..].split_once('/') else {
             continue;
         };
-        if !live.contains(name) {
-            backend.delete(&pin.key)?;
-            dead_dirs.insert(name.to_string());
-            continue;
+        if !live.contains(name) && !late.contains(name) {
+            if dead_dirs.contains(name) || !alive_now(name)? {
+                backend.delete(&pin.key)?;
+                dead_dirs.insert(name.to_string());
+                continue;
+            }
+            late.insert(name.to_string());
         }
         if !file.ends_with(".map") {
             continue;
@@ -136,11 +146,19 @@ mod tests {
         stale.pin(1, &map(b)).unwrap();
         std::mem::forget(stale); // as if its process had died
         let live = HashSet::from(["1.1000".to_string()]);
-        let got = pinned_chunks(backend.as_ref(), &live).unwrap();
+        let got = pinned_chunks(backend.as_ref(), &live, &|_| Ok(false)).unwrap();
         assert_eq!(got, HashSet::from([a]));
         assert!(!root.path().join("pins/2.1000").exists());
         pins.unpin(7);
-        assert!(pinned_chunks(backend.as_ref(), &live).unwrap().is_empty());
+        assert!(pinned_chunks(backend.as_ref(), &live, &|_| Ok(false))
+            .unwrap()
+            .is_empty());
+        // A holder that registered after the caller looked counts.
+        let late = PinDir::under(backend.clone(), "3.1000");
+        late.pin(1, &map(b)).unwrap();
+        let got = pinned_chunks(backend.as_ref(), &live, &|n| Ok(n == "3.1000")).unwrap();
+        assert_eq!(got, HashSet::from([b]));
+        drop(late);
         drop(pins);
         assert_eq!(
             std::fs::read_dir(root.path().join("pins")).unwrap().count(),

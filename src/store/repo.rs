@@ -342,7 +342,17 @@ impl Repository {
         if !self.is_remote() {
             return Ok(false);
         }
-        crate::store::catalog_sync::sync(self)
+        crate::store::catalog_sync::sync(self, false)
+    }
+
+    /// [`refresh`](Self::refresh), failing (and changing nothing) if any
+    /// manifest cannot be used: for maintenance, which must see every
+    /// snapshot before it removes anything.
+    pub fn refresh_strict(&self) -> Result<bool> {
+        if !self.is_remote() {
+            return Ok(false);
+        }
+        crate::store::catalog_sync::sync(self, true)
     }
 
     /// Where scratch files (receive's staging file) go: `tmp/` under
@@ -500,14 +510,31 @@ impl Repository {
             return manifest::write(self.backend(), m, &info.disk, &info.id, self.keys());
         }
         let body = manifest::encode(m, &info.disk, &info.id, self.keys())?;
-        if !self
-            .backend
-            .put_new(&manifest::manifest_key(&info.disk, &info.id), &body)?
-        {
+        crate::store::lease::ensure_held()?;
+        let key = manifest::manifest_key(&info.disk, &info.id);
+        if !self.backend.put_new(&key, &body)? {
             return Err(Error::invalid(format!(
                 "{} exists in the repository already (committed by another process)",
                 info.reference()
             )));
+        }
+        // A forget on another host may have removed the parent while this
+        // snapshot was being taken: then it is taken back, never left
+        // naming a parent that is gone (see `care::forget`).
+        if let Some(p) = &info.parent {
+            if self
+                .backend
+                .head(&manifest::manifest_key(&info.disk, p))?
+                .is_none()
+            {
+                self.backend.delete(&key)?;
+                return Err(Error::invalid(format!(
+                    "{}: its parent {}@{p} was forgotten while it was being taken; \
+                     nothing was committed, take it again",
+                    info.reference(),
+                    info.disk
+                )));
+            }
         }
         Ok(())
     }

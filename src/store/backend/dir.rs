@@ -63,8 +63,15 @@ impl Backend for DirBackend {
         fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
         let tmp = path.with_extension(format!("new.{}", std::process::id()));
         durable::write_synced(&tmp, body)?;
-        // link(2) fails with EEXIST instead of replacing: create-only.
-        let linked = fs::hard_link(&tmp, &path);
+        // link(2) fails with EEXIST instead of replacing: create-only. File
+        // systems without hard links (vfat, some FUSE) get rename(2) with
+        // RENAME_NOREPLACE instead.
+        let linked = match fs::hard_link(&tmp, &path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                rename_noreplace(&tmp, &path)
+            }
+            other => other,
+        };
         let _ = fs::remove_file(&tmp);
         match linked {
             Ok(()) => {
@@ -73,6 +80,15 @@ impl Backend for DirBackend {
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(Error::io(format!("create {}", path.display()), e)),
+        }
+    }
+
+    /// Not atomic: a directory's leases are not used across hosts (its
+    /// locks are `flock`s), so nothing races here.
+    fn replace_if(&self, key: &str, body: &[u8], version: &str) -> Result<bool> {
+        match self.head(key)? {
+            Some(o) if o.version == version => self.put(key, body).map(|()| true),
+            _ => Ok(false),
         }
     }
 
@@ -110,6 +126,28 @@ impl Backend for DirBackend {
 
     fn local_root(&self) -> Option<&Path> {
         Some(&self.root)
+    }
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: renameat2 with two NUL-terminated paths we own.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

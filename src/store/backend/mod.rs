@@ -38,6 +38,9 @@ pub trait Backend: Send + Sync {
     /// Write an object only if none exists under `key`; false when one does.
     /// Stores without conditional writes emulate it (see `s3`).
     fn put_new(&self, key: &str, body: &[u8]) -> Result<bool>;
+    /// Replace an object only if it is still at `version` (as `head` or
+    /// `list` reported it); false when it changed or is gone.
+    fn replace_if(&self, key: &str, body: &[u8], version: &str) -> Result<bool>;
     /// Remove an object; a missing one is not an error.
     fn delete(&self, key: &str) -> Result<()>;
     /// Every object whose key starts with `prefix`, sorted by key.
@@ -73,10 +76,14 @@ impl Location {
                 "{text}: invalid bucket name {bucket:?} (3-63 lowercase letters, digits, '-' or '.')"
             )));
         }
+        // Only characters that need no escaping in a key: others would be
+        // encoded by the client and listed back under other names.
         if prefix
             .split('/')
             .any(|s| s == "." || s == ".." || (s.is_empty() && !prefix.is_empty()))
-            || prefix.chars().any(char::is_control)
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
         {
             return Err(Error::invalid(format!("{text}: invalid prefix {prefix:?}")));
         }

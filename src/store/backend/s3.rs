@@ -96,7 +96,7 @@ impl S3Backend {
             endpoint: shown,
             conditional,
         };
-        if create {
+        if create && backend.bucket_missing()? {
             backend.create_bucket()?;
         }
         Ok(backend)
@@ -144,6 +144,15 @@ impl S3Backend {
         }
     }
 
+    /// Whether the bucket does not exist (a read in it says NoSuchBucket).
+    fn bucket_missing(&self) -> Result<bool> {
+        match self.get("config.json") {
+            Ok(_) => Ok(false),
+            Err(Error::Remote { message, .. }) if message.contains("NoSuchBucket") => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     /// CreateBucket, signed by the store's own signer; an existing bucket
     /// of ours is fine.
     fn create_bucket(&self) -> Result<()> {
@@ -159,7 +168,12 @@ impl S3Backend {
         let status = self.runtime.block_on(async {
             use object_store::client::HttpConnector;
             let client = object_store::client::ReqwestConnector::default()
-                .connect(&ClientOptions::new().with_allow_http(true))
+                .connect(
+                    &ClientOptions::new()
+                        .with_allow_http(true)
+                        .with_connect_timeout(Duration::from_secs(5))
+                        .with_timeout(Duration::from_secs(30)),
+                )
                 .map_err(|e| e.to_string())?;
             let req = http::Request::builder()
                 .method(http::Method::PUT)
@@ -189,6 +203,14 @@ impl S3Backend {
             }),
         }
     }
+}
+
+/// An object's version: its ETag, or its size and time for a store that
+/// sends none.
+fn version_of(m: &object_store::ObjectMeta) -> String {
+    m.e_tag
+        .clone()
+        .unwrap_or_else(|| format!("{}@{}", m.size, m.last_modified.to_rfc3339()))
 }
 
 /// An S3 error in a line: the status and the server's `<Code>` and
@@ -265,6 +287,27 @@ impl Backend for S3Backend {
         }
     }
 
+    fn replace_if(&self, key: &str, body: &[u8], version: &str) -> Result<bool> {
+        let opts = PutOptions {
+            mode: PutMode::Update(object_store::UpdateVersion {
+                e_tag: Some(version.to_string()),
+                version: None,
+            }),
+            ..Default::default()
+        };
+        let payload = PutPayload::from(body.to_vec());
+        match self
+            .runtime
+            .block_on(self.store.put_opts(&self.path(key), payload, opts))
+        {
+            Ok(_) => Ok(true),
+            Err(
+                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
+            ) => Ok(false),
+            Err(e) => Err(self.err("replace", key, e)),
+        }
+    }
+
     fn delete(&self, key: &str) -> Result<()> {
         match self.runtime.block_on(self.store.delete(&self.path(key))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -291,7 +334,7 @@ impl Backend for S3Backend {
                 key: self.key_of(&m.location),
                 size: m.size,
                 modified: m.last_modified,
-                version: m.e_tag.unwrap_or_default(),
+                version: version_of(&m),
             })
             .filter(|o| o.key.starts_with(prefix))
             .collect();
@@ -305,7 +348,7 @@ impl Backend for S3Backend {
                 key: key.to_string(),
                 size: m.size,
                 modified: m.last_modified,
-                version: m.e_tag.unwrap_or_default(),
+                version: version_of(&m),
             })),
             Err(e) => self.missing(e, "stat", key),
         }
