@@ -313,10 +313,7 @@ fn sweep_unfinished_runs(
     snaps: &[crate::model::snapshot::SnapshotInfo],
     report: &mut GcReport,
 ) -> Result<()> {
-    let known: HashSet<String> = snaps
-        .iter()
-        .map(|s| manifest::manifest_key(&s.disk, &s.id))
-        .collect();
+    let known = manifest_keys(snaps);
     for o in manifest::list(repo.backend())? {
         let Some((disk, id)) = manifest::parse_key(&o.key) else {
             continue;
@@ -339,6 +336,14 @@ fn sweep_unfinished_runs(
         }
     }
     Ok(())
+}
+
+/// The manifest keys of the snapshots the catalog lists.
+fn manifest_keys(snaps: &[crate::model::snapshot::SnapshotInfo]) -> HashSet<String> {
+    snaps
+        .iter()
+        .map(|s| manifest::manifest_key(&s.disk, &s.id))
+        .collect()
 }
 
 /// Deletes in flight at once on object storage.
@@ -381,10 +386,7 @@ fn sweep_manifests(
     cutoff: f64,
     report: &mut GcReport,
 ) -> Result<()> {
-    let known: HashSet<String> = snaps
-        .iter()
-        .map(|s| manifest::manifest_key(&s.disk, &s.id))
-        .collect();
+    let known = manifest_keys(snaps);
     let files = manifest::list(repo.backend())?;
     let manifests = files.iter().filter(|o| o.key.ends_with(".json")).count();
     if snaps.is_empty() && manifests > 0 {

@@ -170,16 +170,19 @@ impl Lease {
                 "cannot {what}: {holder} is running; try again when it has finished"
             ))
         };
-        for _ in 0..3 {
-            match Self::write(
+        let attempt = |take| {
+            Self::write(
                 backend.clone(),
                 MAINTENANCE.into(),
                 "maintenance",
                 what,
                 None,
                 Utc::now(),
-                Take::New,
-            ) {
+                take,
+            )
+        };
+        for _ in 0..3 {
+            match attempt(Take::New) {
                 Err(Error::Busy(_)) => {}
                 other => return other,
             }
@@ -193,15 +196,7 @@ impl Lease {
                 return Err(busy(&holder));
             }
             log::warn!("taking over the stale maintenance lease of {holder}");
-            match Self::write(
-                backend.clone(),
-                MAINTENANCE.into(),
-                "maintenance",
-                what,
-                None,
-                Utc::now(),
-                Take::Over(version),
-            ) {
+            match attempt(Take::Over(version)) {
                 Err(Error::Busy(_)) => {}
                 other => return other,
             }

@@ -38,6 +38,11 @@ pub trait Backend: Send + Sync {
     /// Write an object only if none exists under `key`; false when one does.
     /// Stores without conditional writes emulate it (see `s3`).
     fn put_new(&self, key: &str, body: &[u8]) -> Result<bool>;
+    /// [`put_new`](Self::put_new) of a body the caller gives up, which a
+    /// store may send without copying it.
+    fn put_new_owned(&self, key: &str, body: Vec<u8>) -> Result<bool> {
+        self.put_new(key, &body)
+    }
     /// Replace an object only if it is still at `version` (as `head` or
     /// `list` reported it); false when it changed or is gone.
     fn replace_if(&self, key: &str, body: &[u8], version: &str) -> Result<bool>;

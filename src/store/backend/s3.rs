@@ -134,6 +134,33 @@ impl S3Backend {
         }
     }
 
+    /// A write under a precondition (`mode`); false when the store refused
+    /// it for the precondition (the object exists, changed, or is gone).
+    fn put_conditional(&self, key: &str, body: Vec<u8>, mode: PutMode, what: &str) -> Result<bool> {
+        let update = matches!(mode, PutMode::Update(_));
+        let opts = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        match self.runtime.block_on(self.store.put_opts(
+            &self.path(key),
+            PutPayload::from(body),
+            opts,
+        )) {
+            Ok(_) => Ok(true),
+            // The precondition failed: the object exists (create), or it
+            // changed or is gone (update). A missing bucket is an error.
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e @ object_store::Error::NotFound { .. })
+                if update && !e.to_string().contains("NoSuchBucket") =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.err(what, key, e)),
+        }
+    }
+
     /// A 404 is a missing object, unless the bucket itself is missing.
     fn missing<T>(&self, e: object_store::Error, what: &str, key: &str) -> Result<Option<T>> {
         match e {
@@ -252,7 +279,8 @@ impl Backend for S3Backend {
             r.bytes().await
         });
         match got {
-            Ok(b) => Ok(Some(b.to_vec())),
+            // Bytes from one response own their buffer: no copy.
+            Ok(b) => Ok(Some(Vec::from(b))),
             Err(e) => self.missing(e, "read", key),
         }
     }
@@ -272,40 +300,22 @@ impl Backend for S3Backend {
             }
             return self.put(key, body).map(|()| true);
         }
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        let payload = PutPayload::from(body.to_vec());
-        match self
-            .runtime
-            .block_on(self.store.put_opts(&self.path(key), payload, opts))
-        {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(self.err("create", key, e)),
+        self.put_conditional(key, body.to_vec(), PutMode::Create, "create")
+    }
+
+    fn put_new_owned(&self, key: &str, body: Vec<u8>) -> Result<bool> {
+        if !self.conditional {
+            return self.put_new(key, &body);
         }
+        self.put_conditional(key, body, PutMode::Create, "create")
     }
 
     fn replace_if(&self, key: &str, body: &[u8], version: &str) -> Result<bool> {
-        let opts = PutOptions {
-            mode: PutMode::Update(object_store::UpdateVersion {
-                e_tag: Some(version.to_string()),
-                version: None,
-            }),
-            ..Default::default()
-        };
-        let payload = PutPayload::from(body.to_vec());
-        match self
-            .runtime
-            .block_on(self.store.put_opts(&self.path(key), payload, opts))
-        {
-            Ok(_) => Ok(true),
-            Err(
-                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
-            ) => Ok(false),
-            Err(e) => Err(self.err("replace", key, e)),
-        }
+        let mode = PutMode::Update(object_store::UpdateVersion {
+            e_tag: Some(version.to_string()),
+            version: None,
+        });
+        self.put_conditional(key, body.to_vec(), mode, "replace")
     }
 
     fn delete(&self, key: &str) -> Result<()> {

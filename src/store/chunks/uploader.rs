@@ -121,7 +121,7 @@ fn work(backend: &dyn Backend, rx: &Mutex<Receiver<Job>>, state: &(Mutex<State>,
         let result = if failed {
             Ok(false)
         } else {
-            backend.put_new(&job.key, &job.body)
+            backend.put_new_owned(&job.key, job.body)
         };
         finish(state, result.err());
     }
