@@ -53,11 +53,17 @@ struct Ports {
     admin_grpc: u16,
 }
 
+/// Ports of every server of this test process until it is dropped: a
+/// server stopped for `restart` leaves its ports unbound, and a server
+/// that another test starts meanwhile must not pick them.
+static RESERVED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
 impl Ports {
-    /// Ten distinct ports free now, below the kernel's ephemeral range so
-    /// that no client connection takes one while the server is stopped
-    /// between `stop` and `restart`.
+    /// Ten distinct ports free now and reserved in [`RESERVED`], below the
+    /// kernel's ephemeral range so that no client connection takes one
+    /// while the server is stopped between `stop` and `restart`.
     fn pick() -> Ports {
+        let mut reserved = RESERVED.lock().unwrap_or_else(|e| e.into_inner());
         let top = ephemeral_low().clamp(11_000, 65_535);
         let mut held = Vec::new();
         let mut seed = random_u64();
@@ -66,6 +72,9 @@ impl Ports {
             seed ^= seed >> 7;
             seed ^= seed << 17;
             let port = 10_000 + (seed % u64::from(top - 10_000)) as u16;
+            if reserved.contains(&port) {
+                continue;
+            }
             // Holding each listener until all are picked keeps them distinct.
             if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
                 held.push(l);
@@ -75,6 +84,7 @@ impl Ports {
             .iter()
             .map(|l| l.local_addr().unwrap().port())
             .collect();
+        reserved.extend(&p);
         Ports {
             master: p[0],
             master_grpc: p[1],
@@ -87,6 +97,12 @@ impl Ports {
             admin: p[8],
             admin_grpc: p[9],
         }
+    }
+
+    /// Give the ports back to other servers of this process.
+    fn release(&self) {
+        let mut reserved = RESERVED.lock().unwrap_or_else(|e| e.into_inner());
+        reserved.retain(|p| !self.all().contains(p));
     }
 
     fn all(&self) -> [u16; 10] {
@@ -191,6 +207,7 @@ impl SeaweedFs {
                 Err(why) if attempt < 3 && server.port_taken() => {
                     eprintln!("{why}; trying other ports");
                     server.stop();
+                    server.ports.release();
                     server.ports = Ports::pick();
                 }
                 Err(why) => server.fail(&why),
@@ -604,6 +621,7 @@ impl Drop for SeaweedFs {
         for path in self.sockets() {
             let _ = std::fs::remove_file(path);
         }
+        self.ports.release();
     }
 }
 
