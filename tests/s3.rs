@@ -269,7 +269,7 @@ fn a_killed_backup_leaves_nothing_visible_and_gc_takes_its_chunks() {
     let (bucket, env) = new_repo(&server, "killed");
     write_random(&env.path("a.raw"), 5, 4 << 20);
     let s0 = env.backup(&["--disk", "vm/a", env.path("a.raw").to_str().unwrap()]);
-    let chunks_before = server.list(&bucket, "repo/chunks/").len();
+    let chunks_before = server.list(&bucket, "repo/packs/").len();
     write_random(&env.path("b.raw"), 6, 4 << 20);
     for step in [
         "backup:capturing",
@@ -302,7 +302,7 @@ fn a_killed_backup_leaves_nothing_visible_and_gc_takes_its_chunks() {
     // does not wait for them, and takes what they uploaded.
     let report = env.ok(&["gc"]);
     assert!(!report.contains("left for the next gc"), "{report}");
-    assert_eq!(server.list(&bucket, "repo/chunks/").len(), chunks_before);
+    assert_eq!(server.list(&bucket, "repo/packs/").len(), chunks_before);
     env.assert_restores(&s0, &env.path("a.raw"));
 }
 
@@ -418,7 +418,7 @@ fn an_encrypted_repository_on_a_bucket() {
     }
     // What is in the bucket holds no data in clear.
     let sample = &random_bytes(7, 64)[..];
-    for key in server.list(&bucket, "repo/chunks/") {
+    for key in server.list(&bucket, "repo/packs/") {
         let body = server.get(&bucket, &key).unwrap();
         assert!(
             !body.windows(sample.len()).any(|w| w == sample),
@@ -639,11 +639,11 @@ fn gc_refuses_to_run_past_a_damaged_manifest() {
         &format!("repo/manifests/{disk}/{id}.json"),
         b"{not json",
     );
-    let chunks = server.list(&bucket, "repo/chunks/");
+    let chunks = server.list(&bucket, "repo/packs/");
     let fresh = host(&server, &bucket, "fresh");
     let err = fresh.fails(&["gc"]);
     assert!(err.contains("cannot be brought up to date"), "{err}");
-    assert_eq!(server.list(&bucket, "repo/chunks/"), chunks);
+    assert_eq!(server.list(&bucket, "repo/packs/"), chunks);
     // Listing and restoring what is readable still work.
     assert_eq!(fresh.snapshots().len(), 1);
     fresh.assert_restores(&chain[0].0, &chain[0].1);

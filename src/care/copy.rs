@@ -45,6 +45,8 @@ pub fn copy(src: &Repository, dst: &Repository, wanted: &[SnapshotInfo]) -> Resu
     let all = src.snapshots(None)?;
     let order = with_ancestors(&all, if wanted.is_empty() { &all } else { wanted })?;
     let same_names = src.chunks().id_of(b"strata") == dst.chunks().id_of(b"strata");
+    // Each snapshot's chunks are read in the order they were stored.
+    src.chunks().read_ahead(true);
     let mut report = CopyReport::default();
     for info in order {
         // Bound first: a guard in the scrutinee would hold the catalog

@@ -32,7 +32,8 @@ use serde::Serialize;
 use crate::error::{Error, IoContext, Result};
 use crate::model::chunk_id::ChunkId;
 use crate::store::chunks::local::trash_path;
-use crate::store::chunks::object::ObjectChunks;
+use crate::store::chunks::object::{ObjectChunks, PackInfo, PACK_SIZE};
+use crate::store::chunks::pack::PackEntry;
 use crate::store::lease;
 use crate::store::lock::{self, Activity, MaintenanceLock};
 use crate::store::manifest;
@@ -50,6 +51,8 @@ pub struct GcReport {
     pub removed_temporaries: usize,
     /// Records of damaged chunks removed: healed, or used by nothing.
     pub removed_damaged: usize,
+    /// Packs rewritten without what nobody needs (object storage).
+    pub repacked_packs: usize,
     /// Partial pushes older than the limit, described.
     pub removed_partials: Vec<String>,
     /// Why unreferenced chunks were left for a later gc (object storage,
@@ -166,7 +169,7 @@ pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> 
             }
             None => {
                 lease::ensure_held()?;
-                sweep_objects(objects, &referenced, &mut report)?;
+                sweep_packs(objects, &referenced, &mut report)?;
                 sweep_unfinished_runs(repo, &snaps, &mut report)?;
             }
         }
@@ -271,38 +274,86 @@ fn sweep_damaged(
     Ok(())
 }
 
-/// Delete the bucket's unreferenced chunks, several requests at a time.
-fn sweep_objects(
+/// On object storage: delete the packs nothing needs, and repack those
+/// worth it (see [`repack_worth_it`]) into new packs before deleting them.
+/// A chunk in several packs (two hosts stored it at once) is kept in the
+/// first only; copies found damaged are never kept.
+fn sweep_packs(
     objects: &ObjectChunks,
     referenced: &HashSet<ChunkId>,
     report: &mut GcReport,
 ) -> Result<()> {
-    let doomed: Vec<(ChunkId, u64)> = objects
-        .list()?
-        .into_iter()
-        .filter(|(id, _)| !referenced.contains(id))
-        .map(|(id, o)| (id, o.size))
+    let packs = objects.packs()?;
+    let mut kept: HashSet<ChunkId> = HashSet::new();
+    let plans: Vec<Vec<PackEntry>> = packs
+        .iter()
+        .map(|p| {
+            p.entries
+                .iter()
+                .filter(|(e, bad)| !bad && referenced.contains(&e.id) && kept.insert(e.id))
+                .map(|(e, _)| *e)
+                .collect()
+        })
         .collect();
+    let small = packs
+        .iter()
+        .zip(&plans)
+        .filter(|(p, keep)| is_small(p) && !keep.is_empty())
+        .count();
+    let mut doomed: Vec<&PackInfo> = Vec::new();
+    for (pack, keep) in packs.iter().zip(&plans) {
+        if keep.is_empty() {
+            doomed.push(pack);
+        } else if repack_worth_it(pack, keep, small) {
+            let written = objects.repack(pack, keep)?;
+            objects.delete_pack(pack)?;
+            report.repacked_packs += 1;
+            report.deleted_chunks += pack.entries.len() - keep.len();
+            report.freed_bytes += pack.size.saturating_sub(written);
+        }
+    }
+    delete_packs(objects, &doomed)?;
+    report.deleted_chunks += doomed.iter().map(|p| p.entries.len()).sum::<usize>();
+    report.freed_bytes += doomed.iter().map(|p| p.size).sum::<u64>();
+    Ok(())
+}
+
+/// Packs of less than a quarter of the usual size (the last of each
+/// backup) are merged once there are a few of them.
+fn is_small(pack: &PackInfo) -> bool {
+    pack.size < (PACK_SIZE / 4) as u64
+}
+
+/// Rewrite a pack holding damaged copies, a quarter or more of bytes no
+/// one needs, or one of several small packs.
+fn repack_worth_it(pack: &PackInfo, keep: &[PackEntry], small_packs: usize) -> bool {
+    let live: u64 = keep.iter().map(|e| e.range.length).sum();
+    let dead = pack.size.saturating_sub(live);
+    pack.entries.iter().any(|(_, bad)| *bad)
+        || dead * 4 >= pack.size
+        || (is_small(pack) && small_packs >= MERGE_SMALL_PACKS)
+}
+
+/// Delete packs, several requests at a time.
+fn delete_packs(objects: &ObjectChunks, doomed: &[&PackInfo]) -> Result<()> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = std::sync::Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..DELETERS.min(doomed.len()) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((id, _)) = doomed.get(i) else { break };
-                if let Err(e) = objects.delete(id) {
+                let Some(pack) = doomed.get(i) else { break };
+                if let Err(e) = objects.delete_pack(pack) {
                     *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                     break;
                 }
             });
         }
     });
-    if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        return Err(e);
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    report.deleted_chunks += doomed.len();
-    report.freed_bytes += doomed.iter().map(|d| d.1).sum::<u64>();
-    Ok(())
 }
 
 /// Manifests of domain runs that died before writing their record (object
@@ -348,6 +399,8 @@ fn manifest_keys(snaps: &[crate::model::snapshot::SnapshotInfo]) -> HashSet<Stri
 
 /// Deletes in flight at once on object storage.
 const DELETERS: usize = 8;
+/// Small packs merged by gc once there are this many.
+const MERGE_SMALL_PACKS: usize = 4;
 
 /// Staging files of receives that died (a live one is a registered backup,
 /// so its files are newer than the cutoff).

@@ -123,8 +123,11 @@ fn rebuild_cache(
     if let Some(h) = lock::holders(&home)?.first() {
         return Err(Error::Busy(format!("the repository is in use by {h}")));
     }
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = fs::remove_file(home.join(format!("catalog.db{suffix}")));
+    // The pack index too: it is rebuilt from the packs on first use.
+    for db in ["catalog.db", "packs.db"] {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = fs::remove_file(home.join(format!("{db}{suffix}")));
+        }
     }
     let repo = crate::store::repo::Repository::open_at(location, passphrase)?;
     let restored = repo.snapshots(None)?.len();

@@ -125,6 +125,12 @@ pub fn verify(
     }
     let mut wanted: Vec<ChunkId> = wanted.into_iter().collect();
     wanted.sort_unstable();
+    if !opts.quick && matches!(opts.subset, Subset::All) {
+        // Every chunk is read: in the order they are stored, several per
+        // request on object storage.
+        repo.chunks().sort_for_reading(&mut wanted)?;
+        repo.chunks().read_ahead(true);
+    }
     let bad = check_chunks(repo, &wanted, opts.quick);
 
     for &i in sound.iter().filter(|_| !bad.is_empty()) {

@@ -69,6 +69,8 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
         prefault: readable && !block_device,
     };
     let bar = crate::progress::bytes(map.data_bytes(), &format!("restore {}", info.reference()));
+    // Chunks are read in the map's order, mostly the order they were stored.
+    repo.chunks().read_ahead(true);
     let mut restored = write_data(repo, &map, &out, !block_device, &|n| bar.inc(n))?;
     bar.finish_and_clear();
     restored.damaged = merge_touching(restored.damaged);

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::{Backend, ObjectInfo};
 use crate::error::{Error, IoContext, Result};
+use crate::model::extent::ByteRange;
 use crate::store::durable;
 
 pub struct DirBackend {
@@ -51,6 +52,20 @@ impl Backend for DirBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
         }
+    }
+
+    fn get_range(&self, key: &str, range: ByteRange) -> Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path(key);
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
+        };
+        let mut buf = vec![0u8; range.length as usize];
+        file.read_exact_at(&mut buf, range.offset)
+            .ctx(|| format!("read {range} of {}", path.display()))?;
+        Ok(Some(buf))
     }
 
     fn put(&self, key: &str, body: &[u8]) -> Result<()> {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
+use crate::model::extent::ByteRange;
 
 /// One stored object, as a listing or a `head` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,9 @@ pub trait Backend: Send + Sync {
     fn describe(&self) -> String;
     /// The object's body, `None` when it does not exist.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Bytes `range` of an object, `None` when it does not exist; an
+    /// object shorter than the range is an error.
+    fn get_range(&self, key: &str, range: ByteRange) -> Result<Option<Vec<u8>>>;
     /// Write an object whole and durably, replacing one that exists.
     fn put(&self, key: &str, body: &[u8]) -> Result<()>;
     /// Write an object only if none exists under `key`; false when one does.

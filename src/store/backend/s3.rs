@@ -23,6 +23,7 @@ use object_store::{
 
 use super::{Backend, ObjectInfo};
 use crate::error::{Error, Result};
+use crate::model::extent::ByteRange;
 
 pub struct S3Backend {
     store: AmazonS3,
@@ -281,6 +282,26 @@ impl Backend for S3Backend {
         match got {
             // Bytes from one response own their buffer: no copy.
             Ok(b) => Ok(Some(Vec::from(b))),
+            Err(e) => self.missing(e, "read", key),
+        }
+    }
+
+    fn get_range(&self, key: &str, range: ByteRange) -> Result<Option<Vec<u8>>> {
+        let path = self.path(key);
+        let got = self
+            .runtime
+            .block_on(self.store.get_range(&path, range.offset..range.end()));
+        match got {
+            Ok(b) if b.len() as u64 == range.length => Ok(Some(Vec::from(b))),
+            Ok(b) => Err(Error::Remote {
+                endpoint: self.endpoint.clone(),
+                message: format!(
+                    "read {range} of s3://{}/{}: got {} bytes",
+                    self.bucket,
+                    self.path(key),
+                    b.len()
+                ),
+            }),
             Err(e) => self.missing(e, "read", key),
         }
     }

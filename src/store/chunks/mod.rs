@@ -1,5 +1,5 @@
 //! What a chunk store does, wherever its chunks live: [`LocalChunks`] keeps
-//! them as files in the repository's directory, [`ObjectChunks`] as objects
+//! them as files in the repository's directory, [`ObjectChunks`] in packs
 //! in a bucket behind a local cache. Both name chunks by content (keyed in
 //! an encrypted repository), check every read against the name, and move a
 //! chunk that fails the check out of use (see `quarantine`).
@@ -15,7 +15,10 @@ pub mod codec;
 pub mod local;
 pub mod object;
 pub mod object_cache;
+pub mod pack;
+pub mod pack_index;
 pub mod quarantine;
+pub mod read_ahead;
 pub mod uploader;
 
 use local::LocalChunks;
@@ -60,6 +63,13 @@ pub trait ChunkStore: Send + Sync {
     /// Keep what is read in this host's cache (object storage only): for
     /// a mount, which reads the same chunks again.
     fn keep_reads(&self, _keep: bool) {}
+    /// Reads will go through chunks mostly in the order they were stored
+    /// (object storage fetches those that follow in the same request).
+    fn read_ahead(&self, _on: bool) {}
+    /// Put `ids` in the order that reads them fastest.
+    fn sort_for_reading(&self, _ids: &mut [ChunkId]) -> Result<()> {
+        Ok(())
+    }
     /// The directory store, for the file-level work of gc.
     fn as_local(&self) -> Option<&LocalChunks> {
         None

@@ -1,5 +1,5 @@
-//! Uploads in the background: a backup's workers hand encoded chunks to a
-//! pool of threads that write them to the bucket, so that many requests
+//! Uploads in the background: a backup's workers hand full packs to a
+//! pool of threads that write them to the bucket, so that several requests
 //! are in flight however few cores encode. The queue is bounded (memory
 //! stays bounded); [`Uploader::flush`] waits for everything handed over
 //! and reports the first failure, and the repository calls it before it
@@ -11,14 +11,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::error::{Error, Result};
 use crate::store::backend::Backend;
 
-/// Requests in flight at once.
-const THREADS: usize = 16;
-/// Encoded chunks waiting for a thread, at most.
-const QUEUED: usize = 16;
+/// What to do once an object is stored (record it in an index).
+pub type Stored = Box<dyn FnOnce() -> Result<()> + Send>;
 
 struct Job {
     key: String,
     body: Vec<u8>,
+    stored: Stored,
 }
 
 #[derive(Default)]
@@ -33,11 +32,13 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    pub fn new(backend: Arc<dyn Backend>) -> Result<Self> {
-        let (tx, rx) = sync_channel::<Job>(QUEUED);
+    /// `threads` requests in flight at once, `queued` bodies waiting for
+    /// a thread at most.
+    pub fn new(backend: Arc<dyn Backend>, threads: usize, queued: usize) -> Result<Self> {
+        let (tx, rx) = sync_channel::<Job>(queued);
         let rx = Arc::new(Mutex::new(rx));
         let state = Arc::new((Mutex::new(State::default()), Condvar::new()));
-        for _ in 0..THREADS {
+        for _ in 0..threads {
             let (backend, rx, state) = (backend.clone(), rx.clone(), state.clone());
             std::thread::Builder::new()
                 .name("s3-upload".into())
@@ -50,9 +51,10 @@ impl Uploader {
         })
     }
 
-    /// Queue a create-only write of `body` under `key`; waits while the
-    /// queue is full. Fails at once if an earlier upload failed.
-    pub fn send(&self, key: String, body: Vec<u8>) -> Result<()> {
+    /// Queue a create-only write of `body` under `key`, then `stored`;
+    /// waits while the queue is full. Fails at once if an earlier upload
+    /// failed.
+    pub fn send(&self, key: String, body: Vec<u8>, stored: Stored) -> Result<()> {
         {
             let mut st = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(e) = &st.failed {
@@ -61,7 +63,7 @@ impl Uploader {
             st.pending += 1;
         }
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let sent = tx.map(|tx| tx.send(Job { key, body }).is_ok());
+        let sent = tx.map(|tx| tx.send(Job { key, body, stored }).is_ok());
         if sent != Some(true) {
             self.done(Some(Error::invalid("the upload threads are gone")));
         }
@@ -119,9 +121,12 @@ fn work(backend: &dyn Backend, rx: &Mutex<Receiver<Job>>, state: &(Mutex<State>,
             .is_some();
         // After a failure the rest is dropped: nothing will be committed.
         let result = if failed {
-            Ok(false)
+            Ok(())
         } else {
-            backend.put_new_owned(&job.key, job.body)
+            // An object already there under a content name is the same one.
+            backend
+                .put_new_owned(&job.key, job.body)
+                .and_then(|_| (job.stored)())
         };
         finish(state, result.err());
     }
@@ -136,12 +141,20 @@ mod tests {
     fn flush_waits_for_every_upload() {
         let dir = tempfile::tempdir().unwrap();
         let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(dir.path()));
-        let up = Uploader::new(backend.clone()).unwrap();
+        let up = Uploader::new(backend.clone(), 4, 2).unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for i in 0..100 {
-            up.send(format!("c/{i}"), vec![i as u8; 1000]).unwrap();
+            let done = done.clone();
+            let stored: Stored = Box::new(move || {
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            });
+            up.send(format!("c/{i}"), vec![i as u8; 1000], stored)
+                .unwrap();
         }
         up.flush().unwrap();
         assert_eq!(backend.list("c/").unwrap().len(), 100);
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 100);
         assert_eq!(backend.get("c/7").unwrap().unwrap(), vec![7u8; 1000]);
     }
 
@@ -151,10 +164,10 @@ mod tests {
         // A file where a directory must go: the write under it fails.
         std::fs::write(dir.path().join("c"), b"").unwrap();
         let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(dir.path()));
-        let up = Uploader::new(backend).unwrap();
-        up.send("c/1".into(), vec![1]).unwrap();
+        let up = Uploader::new(backend, 4, 2).unwrap();
+        up.send("c/1".into(), vec![1], Box::new(|| Ok(()))).unwrap();
         assert!(up.flush().is_err());
-        assert!(up.send("d/1".into(), vec![1]).is_err());
+        assert!(up.send("d/1".into(), vec![1], Box::new(|| Ok(()))).is_err());
         assert!(up.flush().is_err());
     }
 }
