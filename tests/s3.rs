@@ -648,3 +648,90 @@ fn gc_refuses_to_run_past_a_damaged_manifest() {
     assert_eq!(fresh.snapshots().len(), 1);
     fresh.assert_restores(&chain[0].0, &chain[0].1);
 }
+
+/// A chunk damaged inside a pack: verify on another host finds it and
+/// records it (naming the pack), the next backup on a host that never saw
+/// the damage stores the chunk anew, and gc repacks the damaged copy
+/// away, while a host whose index still names the old pack reads on.
+#[test]
+fn damage_in_a_pack_is_found_healed_and_repacked_away() {
+    let server = SeaweedFs::start();
+    let (bucket, a) = new_repo(&server, "packdamage");
+    let file = a.path("a.raw");
+    write_random(&file, 40, 4 << 20);
+    let s0 = a.backup(&["--disk", "vm/a", file.to_str().unwrap()]);
+    let packs = server.list(&bucket, "repo/packs/");
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    let b = host(&server, &bucket, "b");
+    b.assert_restores(&s0, &file); // b's index now names the pack
+
+    let mut body = server.get(&bucket, &packs[0]).unwrap();
+    body[100] ^= 0x55; // inside the first chunk
+    server.put(&bucket, &packs[0], &body);
+    let c = host(&server, &bucket, "c");
+    let run = c.run(&["verify", "--json"]);
+    assert_eq!(run.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(report["damaged"][0]["snapshot"], s0.as_str(), "{report}");
+    let records = server.list(&bucket, "repo/damaged/");
+    assert_eq!(records.len(), 1);
+    let named = String::from_utf8(server.get(&bucket, &records[0]).unwrap()).unwrap();
+    assert!(packs[0].ends_with(named.trim()), "{named} vs {packs:?}");
+
+    // Host a never read the damaged copy; its backup stores the chunk anew.
+    a.backup(&["--disk", "vm/a", file.to_str().unwrap()]);
+    let run = c.run(&["verify", "--json"]);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stdout)
+    );
+    c.assert_restores(&s0, &file);
+
+    let report = a.ok(&["gc"]);
+    assert!(report.contains("repacked 1 packs"), "{report}");
+    assert!(report.contains("1 damaged-chunk records"), "{report}");
+    let now = server.list(&bucket, "repo/packs/");
+    assert!(!now.contains(&packs[0]), "{now:?}");
+    assert!(server.list(&bucket, "repo/damaged/").is_empty());
+    // b's index still names the deleted pack: it looks again.
+    b.assert_restores(&s0, &file);
+    let run = b.run(&["verify"]);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+/// gc rewrites a pack that is mostly garbage, keeping what is referenced,
+/// and deletes one that is all garbage.
+#[test]
+fn gc_repacks_what_is_partly_garbage() {
+    let server = SeaweedFs::start();
+    let (bucket, env) = new_repo(&server, "repack");
+    let x = env.path("x.raw");
+    write_random(&x, 50, 8 << 20);
+    let first = env.backup(&["--disk", "vm/x", x.to_str().unwrap()]);
+    // Half of the disk changes; the second full shares the other half.
+    let mut data = std::fs::read(&x).unwrap();
+    data[..4 << 20].copy_from_slice(&random_bytes(1001, 4 << 20));
+    std::fs::write(&x, &data).unwrap();
+    let second = env.backup(&["--disk", "vm/x", x.to_str().unwrap()]);
+    let y = env.path("y.raw");
+    write_random(&y, 51, 2 << 20);
+    let gone = env.backup(&["--disk", "vm/y", y.to_str().unwrap()]);
+    let before = server.list(&bucket, "repo/packs/");
+    env.ok(&["forget", &first, &gone]);
+    let report = env.ok(&["gc"]);
+    assert!(report.contains("repacked 1 packs"), "{report}");
+    assert!(report.contains("deleted 6 chunks"), "{report}");
+    let after = server.list(&bucket, "repo/packs/");
+    assert_eq!(after.len(), before.len() - 1, "{before:?} -> {after:?}");
+    env.assert_restores(&second, &x);
+    let fresh = host(&server, &bucket, "fresh");
+    fresh.assert_restores(&second, &x);
+    assert!(fresh.ok(&["verify"]).contains("ok"));
+}

@@ -296,6 +296,9 @@ pub fn gc(cli: &Cli, a: &GcArgs) -> Result<ExitCode> {
         r.removed_damaged,
         r.kept_recent
     );
+    if r.repacked_packs > 0 {
+        println!("repacked {} packs", r.repacked_packs);
+    }
     if let Some(why) = &r.deferred {
         println!("{why}");
     }

@@ -568,3 +568,79 @@ impl ChunkStore for ObjectChunks {
         Some(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::backend::dir::DirBackend;
+
+    fn store(backend: &Arc<dyn Backend>, home: &Path) -> ObjectChunks {
+        ObjectChunks::new(backend.clone(), home, 1, None).unwrap()
+    }
+
+    fn chunk(i: u32) -> Vec<u8> {
+        // Incompressible enough that packs fill: 64 KiB of a hash stream.
+        let mut out = Vec::with_capacity(64 << 10);
+        let mut h = blake3::Hasher::new();
+        h.update(&i.to_le_bytes());
+        let mut reader = h.finalize_xof();
+        out.resize(64 << 10, 0);
+        reader.fill(&mut out);
+        out
+    }
+
+    #[test]
+    fn sequential_readers_share_windows_and_get_every_chunk_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(&dir.path().join("bucket")));
+        let writer = store(&backend, &dir.path().join("home-w"));
+        let ids: Vec<ChunkId> = (0..300)
+            .map(|i| writer.put(&chunk(i)).unwrap().id)
+            .collect();
+        writer.flush().unwrap();
+        assert!(backend.list(pack::PACKS).unwrap().len() >= 2);
+        // A chunk put again is not stored again.
+        assert_eq!(writer.put(&chunk(7)).unwrap().stored, 0);
+
+        let reader = store(&backend, &dir.path().join("home-r"));
+        reader.read_ahead(true);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    let mut buf = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(id) = ids.get(i) else { break };
+                        reader.get_into(id, &mut buf).unwrap();
+                        assert_eq!(buf, chunk(i as u32));
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_reader_finds_chunks_moved_by_a_repack() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(&dir.path().join("bucket")));
+        let writer = store(&backend, &dir.path().join("home-w"));
+        let ids: Vec<ChunkId> = (0..10).map(|i| writer.put(&chunk(i)).unwrap().id).collect();
+        writer.flush().unwrap();
+        let reader = store(&backend, &dir.path().join("home-r"));
+        assert_eq!(reader.get(&ids[0]).unwrap(), chunk(0));
+
+        let gc = store(&backend, &dir.path().join("home-gc"));
+        let packs = gc.packs().unwrap();
+        assert_eq!(packs.len(), 1);
+        let keep: Vec<PackEntry> = packs[0].entries[5..].iter().map(|(e, _)| *e).collect();
+        gc.repack(&packs[0], &keep).unwrap();
+        gc.delete_pack(&packs[0]).unwrap();
+
+        // The reader's index still names the deleted pack.
+        *reader.synced.lock().unwrap() = Some(Instant::now() - RESYNC_EVERY);
+        assert_eq!(reader.get(&ids[9]).unwrap(), chunk(9));
+        let err = reader.get(&ids[1]).unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
+    }
+}
