@@ -165,6 +165,80 @@ fn two_hosts_share_one_repository() {
     assert_same(&image, &b.path("c.raw"));
 }
 
+/// The requests a command made, as `-vv` logs them (`s3 OP KEY: N ms`).
+fn requests(out: &std::process::Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| l.split_once("] s3 ").map(|(_, r)| r.to_string()))
+        .collect()
+}
+
+#[test]
+fn a_writer_syncs_once_after_its_lease_and_reads_back_nothing_it_wrote() {
+    let server = SeaweedFs::start();
+    let (bucket, a) = new_repo(&server, "series");
+    let chain = raw_chain(&a, "vm/a", 4 << 20, 1);
+    // Host b's first command is an incremental: its catalog is empty until
+    // the registration syncs it, after the lease, and the parent must come
+    // from that sync.
+    let b = host(&server, &bucket, "b");
+    let state = a.path("vm_a.raw");
+    std::fs::copy(&state, b.path("b.raw")).unwrap();
+    let changes = b.path("c.json");
+    std::fs::write(&changes, r#"{"extents": [{"offset": 0, "length": 65536}]}"#).unwrap();
+    let out = b.run(&[
+        "-vv",
+        "backup",
+        "--disk",
+        "vm/a",
+        b.path("b.raw").to_str().unwrap(),
+        "--changes",
+        changes.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made = requests(&out);
+    let position = |what: &str| {
+        made.iter()
+            .position(|r| r.starts_with(what))
+            .unwrap_or_else(|| panic!("no {what} in {made:#?}"))
+    };
+    assert!(position("PUT leases/") < position("GET leases/maintenance.json"));
+    assert!(position("GET leases/maintenance.json") < position("LIST manifests/"));
+    let lists = made.iter().filter(|r| r.starts_with("LIST manifests/:"));
+    assert_eq!(lists.count(), 1, "{made:#?}");
+    assert!(
+        !made.iter().any(|r| r.starts_with("LIST leases/")),
+        "{made:#?}"
+    );
+    let snaps = b.snapshots();
+    assert_eq!(snaps.len(), 3);
+    assert_eq!(snaps[2]["parent"], snaps[1]["id"]);
+    b.assert_restores(
+        &format!("vm/a@{}", snaps[2]["id"].as_str().unwrap()),
+        &state,
+    );
+    // Host b knows the version of the manifest it wrote: its next command
+    // reads no manifest back. Host a reads the new one, once.
+    let again = requests(&b.run(&["-vv", "snapshots"]));
+    assert!(
+        !again.iter().any(|r| r.starts_with("GET manifests/")),
+        "{again:#?}"
+    );
+    let fetched = |env: &Env| {
+        requests(&env.run(&["-vv", "snapshots"]))
+            .iter()
+            .filter(|r| r.starts_with("GET manifests/"))
+            .count()
+    };
+    assert_eq!(fetched(&a), 1);
+    assert_eq!(fetched(&a), 0);
+    a.assert_restores(&chain[1].0, &chain[1].1);
+}
+
 #[test]
 fn a_deleted_cache_loses_nothing() {
     let server = SeaweedFs::start();

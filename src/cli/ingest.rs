@@ -17,7 +17,7 @@ use strata::ingest::source::FileSource;
 use strata::model::name::{DiskName, SnapshotRef};
 use strata::model::snapshot::parse_time;
 
-use super::{done_event, open, started_event, Cli};
+use super::{done_event, open_unsynced, started_event, Cli};
 
 #[derive(Args)]
 pub struct BackupArgs {
@@ -138,7 +138,8 @@ pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<ExitCode> {
         bail!("--disk and SOURCE are required without --domain");
     };
     started_event("backup", json!({"disk": disk, "source": source}));
-    let repo = open(cli)?;
+    // The backup's registration syncs the catalog, after its lease.
+    let repo = open_unsynced(cli)?;
     let disk = DiskName::parse(disk)?;
     let changes = a.changes.as_deref().map(changes::parse_file).transpose()?;
     let mut opts = BackupOptions {
@@ -186,7 +187,8 @@ pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<ExitCode> {
 }
 
 pub fn receive(cli: &Cli, a: &ReceiveArgs) -> Result<ExitCode> {
-    let repo = open(cli)?;
+    // The receive's registration syncs the catalog, after its lease.
+    let repo = open_unsynced(cli)?;
     let opts = ReceiveOptions {
         disk: Some(DiskName::parse(&a.disk)?),
         size: a.size,

@@ -265,6 +265,14 @@ fn repo_location(cli: &Cli) -> Result<Location> {
 /// Open the repository, telling a missing directory and one that is not a
 /// repository apart, since their fixes differ.
 fn open(cli: &Cli) -> Result<Repository> {
+    let repo = open_unsynced(cli)?;
+    repo.refresh()?;
+    Ok(repo)
+}
+
+/// [`open`] for a writer (backup, receive): its registration brings the
+/// catalog up to date once it holds its lease, before any use of it.
+fn open_unsynced(cli: &Cli) -> Result<Repository> {
     let location = repo_location(cli)?;
     if let Location::Dir(path) = &location {
         if !path.exists() {
@@ -283,7 +291,9 @@ fn open(cli: &Cli) -> Result<Repository> {
     }
     // The library's errors name the repository already (bad config.json,
     // format, the endpoint and the S3 error).
-    Ok(Repository::open_at(&location, &|| secret::passphrase(cli))?)
+    Ok(Repository::open_unsynced(&location, &|| {
+        secret::passphrase(cli)
+    })?)
 }
 
 /// The `done` event of `--progress json`, with the command's summary.

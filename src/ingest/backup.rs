@@ -6,6 +6,7 @@
 //! blocks, hash, compress and store. Memory is bounded by the pool,
 //! whatever the disk size.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel};
 use std::sync::Mutex;
@@ -23,7 +24,7 @@ use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
 use crate::store::chunks::is_zero;
 use crate::store::image::{self, ChunkCache};
 use crate::store::lock::{Activity, Registration};
-use crate::store::repo::{NewSnapshot, Repository};
+use crate::store::repo::{damaged_ranges_in, NewSnapshot, Repository};
 
 #[derive(Debug, Clone, Default)]
 pub struct BackupOptions {
@@ -113,7 +114,8 @@ pub fn capture_snapshot(
             opts.check_unchanged
         )));
     }
-    let registration = Registration::new(repo, Activity::Backup, &format!("backup {disk}"))?;
+    let (registration, damaged) = register_listing_damage(repo, &disk, opts.changes.is_some());
+    let registration = registration?;
     let size = source.size();
     let (kind, parent, plan) = match &opts.changes {
         None => {
@@ -152,7 +154,15 @@ pub fn capture_snapshot(
             } else {
                 SnapshotKind::Incremental
             };
-            let changes = checked_changes(repo, source, &parent, changes, opts.check_unchanged)?;
+            let damaged = damaged.transpose()?;
+            let changes = checked_changes(
+                repo,
+                source,
+                &parent,
+                changes,
+                opts.check_unchanged,
+                damaged,
+            )?;
             (kind, Some(parent), changes.extents)
         }
     };
@@ -208,22 +218,46 @@ pub fn capture_snapshot(
     })
 }
 
+/// Register the backup (its lease, the catalog synced after it) and, for
+/// an incremental, list the records of damaged chunks meanwhile: that
+/// listing needs neither, and on object storage it is one request fewer
+/// in series.
+fn register_listing_damage(
+    repo: &Repository,
+    disk: &DiskName,
+    incremental: bool,
+) -> (Result<Registration>, Option<Result<HashSet<ChunkId>>>) {
+    std::thread::scope(|s| {
+        let damaged = incremental.then(|| s.spawn(|| repo.chunks().damaged()));
+        let registration = Registration::new(repo, Activity::Backup, &format!("backup {disk}"));
+        let damaged = damaged.map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        (registration, damaged)
+    })
+}
+
 /// The change list to back up: `changes` plus the parent's damaged ranges,
 /// checked against the parent where it says nothing changed. A parent chunk
 /// that the check finds damaged is moved out of use by the read, so the
 /// next round reads its range from the source instead of failing.
+/// `damaged`: the chunks on record as damaged, if listed already.
 fn checked_changes(
     repo: &Repository,
     source: &dyn Source,
     parent: &SnapshotInfo,
     changes: &ChangeList,
     percent: f64,
+    mut damaged: Option<HashSet<ChunkId>>,
 ) -> Result<ChangeList> {
     // Resolved once: both the damage and the unchanged-range check read it.
     let map = repo.image_map(parent)?;
     let mut rounds = 0;
     loop {
-        let with_damage = with_parent_damage(repo, source, parent, &map, changes)?;
+        // A later round lists again: the check recorded a chunk it found damaged.
+        let damaged = match damaged.take() {
+            Some(d) => d,
+            None => repo.chunks().damaged()?,
+        };
+        let with_damage = with_parent_damage(source, parent, &map, &damaged, changes)?;
         match check_unchanged(repo, source, parent, &map, &with_damage, percent) {
             Err(Error::BadChunk { hash, message }) if rounds < MAX_CHECK_ROUNDS => {
                 log::warn!("the parent's chunk {hash} is damaged ({message})");
@@ -242,15 +276,14 @@ const MAX_CHECK_ROUNDS: usize = 8;
 /// read again from the source so that the new snapshot is whole whatever
 /// the change list says (and its data stored anew heals the parent too).
 fn with_parent_damage(
-    repo: &Repository,
     source: &dyn Source,
     parent: &SnapshotInfo,
     map: &ImageMap,
+    damaged: &HashSet<ChunkId>,
     changes: &ChangeList,
 ) -> Result<ChangeList> {
     let size = source.size();
-    let damaged: Vec<ByteRange> = repo
-        .damaged_ranges(map)?
+    let damaged: Vec<ByteRange> = damaged_ranges_in(map, damaged)
         .into_iter()
         .filter_map(|r| r.intersect(&ByteRange::new(0, size)))
         .collect();
@@ -522,7 +555,7 @@ fn check_unchanged(
     }
     let started = std::time::Instant::now();
     let common = parent.size.min(source.size());
-    let cache = ChunkCache::new(CHECK_THREADS * crate::store::chunks::MAX_CHUNK_SIZE);
+    let cache = ChunkCache::new(CHECK_CACHE_CHUNKS * crate::store::chunks::MAX_CHUNK_SIZE);
     let mut rng = SplitMix(
         Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64 ^ u64::from(std::process::id()),
     );
@@ -557,8 +590,9 @@ fn check_unchanged(
     let next = AtomicUsize::new(0);
     let decoded = AtomicUsize::new(0);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let threads = check_threads(repo).min(sample.len());
     std::thread::scope(|s| {
-        for _ in 0..CHECK_THREADS {
+        for _ in 0..threads {
             s.spawn(|| {
                 let (mut ours, mut theirs) =
                     (vec![0u8; cell_size as usize], vec![0u8; cell_size as usize]);
@@ -718,8 +752,23 @@ fn proven_cheaply(
 
 /// Cells compared at once by `--check-unchanged`: parent chunks are read
 /// from disk and source blocks may come over the network, so more than the
-/// cores (8 measured no better than 4 on two cores).
-const CHECK_THREADS: usize = 4;
+/// cores (8 measured no better than 4 on two cores). From object storage
+/// each parent chunk is a request, and waiting on it costs no core: 16 in
+/// flight, as many as the uploader keeps (~100 chunk GETs over a 20 ms
+/// round trip: 0.73-1.55 s with 4, 0.34-0.45 s with 16; with the server on
+/// the same two cores, no difference).
+fn check_threads(repo: &Repository) -> usize {
+    if repo.is_remote() {
+        16
+    } else {
+        4
+    }
+}
+
+/// Decoded parent chunks kept by `--check-unchanged` (of at most
+/// `MAX_CHUNK_SIZE` each): a chunk serves the sampled blocks of its cell
+/// and of the next.
+const CHECK_CACHE_CHUNKS: usize = 4;
 
 /// A small, good-enough PRNG for sampling (no need for a crate).
 struct SplitMix(u64);

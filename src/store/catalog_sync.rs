@@ -40,8 +40,9 @@ pub fn sync(repo: &Repository, strict: bool) -> Result<bool> {
         let k = (disk, id);
         match (listed.get(&k), version) {
             (None, _) => stale.push(k.clone()),
-            // Committed here: read once, since another host may have
-            // rewritten it (forgetting its parent) before this sync.
+            // Committed here by a store that gave no version for the
+            // write: read once, since another host may have rewritten it
+            // (forgetting its parent) before this sync.
             (Some(_), None) => stale.push(k.clone()),
             (Some(o), Some(v)) if v != o.version => stale.push(k.clone()),
             _ => {}

@@ -303,6 +303,21 @@ fn read(backend: &dyn Backend, key: &str) -> Result<Option<LeaseInfo>> {
     Ok(Some(info))
 }
 
+/// The live maintenance lease, if one is held: one `GET` of its one key
+/// (only [`Lease::maintenance`] writes that kind, and only there), however
+/// many other leases there are. An unreadable one is reported and does not
+/// count, as in [`list`].
+pub fn live_maintenance(backend: &dyn Backend) -> Result<Option<LeaseInfo>> {
+    match read(backend, MAINTENANCE) {
+        Ok(holder) => Ok(holder.filter(|h| !h.is_stale())),
+        Err(e @ Error::Invalid(_)) => {
+            log::warn!("{e}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Every lease in the bucket, stale or not, oldest first. Unreadable ones
 /// are reported and skipped.
 pub fn list(backend: &dyn Backend) -> Result<Vec<LeaseInfo>> {
@@ -343,7 +358,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(dir.path()));
         let a = Lease::take(backend.clone(), "backup", "backup vm/a", None).unwrap();
+        assert!(live_maintenance(backend.as_ref()).unwrap().is_none());
         let m = Lease::maintenance(backend.clone(), "gc").unwrap();
+        let held = live_maintenance(backend.as_ref()).unwrap().unwrap();
+        assert_eq!(
+            (held.kind.as_str(), held.what.as_str()),
+            ("maintenance", "gc")
+        );
         let err = Lease::maintenance(backend.clone(), "prune").err().unwrap();
         assert!(err.to_string().contains("maintenance on"), "{err}");
         let all = list(backend.as_ref()).unwrap();
@@ -380,6 +401,13 @@ mod tests {
             key: MAINTENANCE.into(),
             ..dead
         };
+        backend
+            .put(MAINTENANCE, &serde_json::to_vec(&stale).unwrap())
+            .unwrap();
+        assert!(live_maintenance(backend.as_ref()).unwrap().is_none());
+        // An unreadable one does not hold writers back (nor does `list` see it).
+        backend.put(MAINTENANCE, b"{").unwrap();
+        assert!(live_maintenance(backend.as_ref()).unwrap().is_none());
         backend
             .put(MAINTENANCE, &serde_json::to_vec(&stale).unwrap())
             .unwrap();

@@ -174,10 +174,7 @@ fn lease_for(
         if !activity.is_writer() {
             return Ok(lease);
         }
-        let busy = lease::list(backend.as_ref())?
-            .into_iter()
-            .find(|l| l.kind == "maintenance" && !l.is_stale());
-        let Some(holder) = busy else {
+        let Some(holder) = lease::live_maintenance(backend.as_ref())? else {
             return Ok(lease);
         };
         drop(lease);

@@ -19,6 +19,7 @@
 //! to date with the manifests in the bucket each time the repository is
 //! opened ([`Repository::refresh`]), and deleting it loses nothing.
 
+use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
@@ -29,11 +30,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
+use crate::model::chunk_id::ChunkId;
 use crate::model::extent::{merge_touching, ByteRange};
 use crate::model::image_map::{ImageMap, Piece};
 use crate::model::name::{DiskName, Selector, SnapshotId, SnapshotRef};
 use crate::model::snapshot::{SnapshotInfo, SnapshotKind};
-use crate::store::backend::{Backend, Location};
+use crate::store::backend::{Backend, Created, Location};
 use crate::store::catalog::{Catalog, SnapshotRecord, Writer};
 use crate::store::chunks::local::LocalChunks;
 use crate::store::chunks::object::ObjectChunks;
@@ -241,10 +243,12 @@ impl Repository {
         }
         let open =
             |p: &str| Self::open_backend(location.clone(), backend.clone(), &|| Ok(p.to_string()));
-        match passphrase {
-            Some(p) => open(p),
-            None => Self::open_backend(location.clone(), backend.clone(), &no_passphrase),
-        }
+        let repo = match passphrase {
+            Some(p) => open(p)?,
+            None => Self::open_backend(location.clone(), backend.clone(), &no_passphrase)?,
+        };
+        repo.refresh()?;
+        Ok(repo)
     }
 
     /// Open an unencrypted repository (an encrypted one fails: use
@@ -262,6 +266,17 @@ impl Repository {
     /// encrypted. A repository on object storage brings this host's
     /// catalog up to date first.
     pub fn open_at(location: &Location, passphrase: PassphraseSource) -> Result<Self> {
+        let repo = Self::open_unsynced(location, passphrase)?;
+        repo.refresh()?;
+        Ok(repo)
+    }
+
+    /// [`open_at`](Self::open_at) without bringing the catalog up to date:
+    /// for a writer whose first use of the catalog follows its
+    /// `Registration`, which syncs once its lease is taken. That sync,
+    /// after the lease, is the one the parent must be chosen from; one
+    /// before it would only add requests in series.
+    pub fn open_unsynced(location: &Location, passphrase: PassphraseSource) -> Result<Self> {
         let backend = location.open(false)?;
         Self::open_backend(location.clone(), backend, passphrase)
     }
@@ -296,7 +311,7 @@ impl Repository {
             }
         };
         let catalog = Catalog::open(&home.join("catalog.db"))?;
-        let repo = Repository {
+        Ok(Repository {
             location,
             backend,
             home,
@@ -305,11 +320,7 @@ impl Repository {
             catalog: Mutex::new(catalog),
             keys,
             key_id,
-        };
-        if repo.is_remote() {
-            repo.refresh()?;
-        }
-        Ok(repo)
+        })
     }
 
     /// Where the repository is, as `--repo` names it.
@@ -459,16 +470,7 @@ impl Repository {
     /// The ranges of `image` whose chunks are on record as damaged (see
     /// `store::chunks::quarantine`), merged, in order.
     pub fn damaged_ranges(&self, image: &ImageMap) -> Result<Vec<ByteRange>> {
-        let damaged = self.chunks.damaged()?;
-        if damaged.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(merge_touching(image.segments.iter().filter_map(
-            |s| match s.piece {
-                Piece::Data { chunk, .. } if damaged.contains(&chunk) => Some(s.range),
-                _ => None,
-            },
-        )))
+        Ok(damaged_ranges_in(image, &self.chunks.damaged()?))
     }
 
     pub fn manifest(&self, info: &SnapshotInfo) -> Result<Manifest> {
@@ -489,13 +491,17 @@ impl Repository {
                 )));
             }
             let image = keyframe_image(w, &info.disk, info.parent.as_ref(), own)?;
-            self.create_manifest(&Manifest::new(info, own), info)?;
+            let version = self.create_manifest(&Manifest::new(info, own), info)?;
             crate::testhook::pause("import:manifest-written");
-            w.insert(&SnapshotRecord {
-                info: info.clone(),
-                own: own.clone(),
-                image,
-            })
+            insert_committed(
+                w,
+                &SnapshotRecord {
+                    info: info.clone(),
+                    own: own.clone(),
+                    image,
+                },
+                version,
+            )
         })
     }
 
@@ -504,20 +510,22 @@ impl Repository {
     /// snapshot committed under the same `DISK@ID` meanwhile (by another
     /// host) is an error, never overwritten. In a local repository the
     /// catalog row is the commit and a manifest without one is a leftover
-    /// of a killed commit, replaced.
-    fn create_manifest(&self, m: &Manifest, info: &SnapshotInfo) -> Result<()> {
+    /// of a killed commit, replaced. The manifest's version, when the
+    /// store reported it (see [`insert_committed`]).
+    fn create_manifest(&self, m: &Manifest, info: &SnapshotInfo) -> Result<Option<String>> {
         if !self.is_remote() {
-            return manifest::write(self.backend(), m, &info.disk, &info.id, self.keys());
+            manifest::write(self.backend(), m, &info.disk, &info.id, self.keys())?;
+            return Ok(None);
         }
         let body = manifest::encode(m, &info.disk, &info.id, self.keys())?;
         crate::store::lease::ensure_held()?;
         let key = manifest::manifest_key(&info.disk, &info.id);
-        if !self.backend.put_new(&key, &body)? {
+        let Created::New(version) = self.backend.create(&key, &body)? else {
             return Err(Error::invalid(format!(
                 "{} exists in the repository already (committed by another process)",
                 info.reference()
             )));
-        }
+        };
         // A forget on another host may have removed the parent while this
         // snapshot was being taken: then it is taken back, never left
         // naming a parent that is gone (see `care::forget`).
@@ -536,7 +544,7 @@ impl Repository {
                 )));
             }
         }
-        Ok(())
+        Ok(version)
     }
 
     /// The next free sequence number of `disk`'s ids. On object storage
@@ -613,6 +621,7 @@ impl Repository {
                 before_rows(&id)?;
             }
             let mut infos = Vec::with_capacity(news.len());
+            let mut versions = Vec::with_capacity(news.len());
             for new in &news {
                 let info = new.info(id.clone(), time);
                 // A manifest without its row is what a crash here leaves:
@@ -620,19 +629,21 @@ impl Repository {
                 // back only the disks whose manifests were written.
                 let mut m = Manifest::new(&info, &new.own);
                 m.run = Some(run.to_string());
-                self.create_manifest(&m, &info)?;
+                versions.push(self.create_manifest(&m, &info)?);
                 infos.push(info);
             }
             crate::testhook::pause("commit-group:manifests-written");
             if self.is_remote() {
                 before_rows(&id)?;
             }
-            for (info, (new, image)) in infos.iter().zip(news.iter().zip(images)) {
-                w.insert(&SnapshotRecord {
+            let rows = infos.iter().zip(news.iter().zip(images)).zip(versions);
+            for ((info, (new, image)), version) in rows {
+                let record = SnapshotRecord {
                     info: info.clone(),
                     own: new.own.clone(),
                     image,
-                })?;
+                };
+                insert_committed(w, &record, version)?;
             }
             Ok(infos)
         })
@@ -649,16 +660,41 @@ impl Repository {
             log::debug!("keyframe: {}", image.is_some());
             let seq = self.next_seq(w, &new.disk)?;
             let info = new.info(SnapshotId::new(new.time, seq), new.time);
-            self.create_manifest(&Manifest::new(&info, &new.own), &info)?;
+            let version = self.create_manifest(&Manifest::new(&info, &new.own), &info)?;
             log::debug!("manifest written");
             crate::testhook::pause("commit:manifest-written");
-            w.insert(&SnapshotRecord {
+            let record = SnapshotRecord {
                 info: info.clone(),
                 own: new.own.clone(),
                 image,
-            })?;
+            };
+            insert_committed(w, &record, version)?;
             Ok(info)
         })
+    }
+}
+
+/// The ranges of `image` whose chunks are in `damaged` (as
+/// `ChunkStore::damaged` gives them), merged, in order.
+pub fn damaged_ranges_in(image: &ImageMap, damaged: &HashSet<ChunkId>) -> Vec<ByteRange> {
+    if damaged.is_empty() {
+        return Vec::new();
+    }
+    merge_touching(image.segments.iter().filter_map(|s| match s.piece {
+        Piece::Data { chunk, .. } if damaged.contains(&chunk) => Some(s.range),
+        _ => None,
+    }))
+}
+
+/// Insert the row of a snapshot committed here. With the version of its
+/// manifest as written, the next sync reads it back only if another host
+/// rewrote it meanwhile (forget of its parent); without one (a local
+/// repository, a store that gives no ETag), a sync reads it back once.
+fn insert_committed(w: &Writer, record: &SnapshotRecord, version: Option<String>) -> Result<()> {
+    w.insert(record)?;
+    match version {
+        Some(v) => w.set_version(record.info.disk.as_str(), record.info.id.as_str(), &v),
+        None => Ok(()),
     }
 }
 

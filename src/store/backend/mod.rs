@@ -28,6 +28,16 @@ pub struct ObjectInfo {
     pub version: String,
 }
 
+/// What a create-only write did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// An object exists under the key; nothing was written.
+    Exists,
+    /// Written, at this version if the store said which (as `list` and
+    /// `head` would report it).
+    New(Option<String>),
+}
+
 pub trait Backend: Send + Sync {
     /// The repository as a user names it: a path, or `s3://bucket/prefix`
     /// with its endpoint.
@@ -42,6 +52,15 @@ pub trait Backend: Send + Sync {
     /// Write an object only if none exists under `key`; false when one does.
     /// Stores without conditional writes emulate it (see `s3`).
     fn put_new(&self, key: &str, body: &[u8]) -> Result<bool>;
+    /// [`put_new`](Self::put_new), also giving the new object's version
+    /// when the store reports one (an ETag), so that a reader need not
+    /// fetch what it wrote to learn it.
+    fn create(&self, key: &str, body: &[u8]) -> Result<Created> {
+        Ok(match self.put_new(key, body)? {
+            true => Created::New(None),
+            false => Created::Exists,
+        })
+    }
     /// [`put_new`](Self::put_new) of a body the caller gives up, which a
     /// store may send without copying it.
     fn put_new_owned(&self, key: &str, body: Vec<u8>) -> Result<bool> {

@@ -21,7 +21,7 @@ use object_store::{
     ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
-use super::{Backend, ObjectInfo};
+use super::{Backend, Created, ObjectInfo};
 use crate::error::{Error, Result};
 use crate::model::extent::ByteRange;
 
@@ -103,6 +103,21 @@ impl S3Backend {
         Ok(backend)
     }
 
+    /// Run one request on the runtime; at debug level, a line per request
+    /// with its duration (the fixed cost of a command is requests in series).
+    fn run<F: std::future::Future>(&self, op: &str, key: &str, request: F) -> F::Output {
+        if !log::log_enabled!(log::Level::Debug) {
+            return self.runtime.block_on(request);
+        }
+        let started = std::time::Instant::now();
+        let out = self.runtime.block_on(request);
+        log::debug!(
+            "s3 {op} {key}: {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        out
+    }
+
     fn path(&self, key: &str) -> ObjectPath {
         if self.prefix.is_empty() {
             ObjectPath::from(key)
@@ -135,31 +150,62 @@ impl S3Backend {
         }
     }
 
-    /// A write under a precondition (`mode`); false when the store refused
-    /// it for the precondition (the object exists, changed, or is gone).
-    fn put_conditional(&self, key: &str, body: Vec<u8>, mode: PutMode, what: &str) -> Result<bool> {
+    /// A write under a precondition (`mode`); `None` when the store refused
+    /// it for the precondition (the object exists, changed, or is gone),
+    /// else the new object's version if the store gave one.
+    fn put_conditional(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        mode: PutMode,
+        what: &str,
+    ) -> Result<Option<Option<String>>> {
         let update = matches!(mode, PutMode::Update(_));
         let opts = PutOptions {
             mode,
             ..Default::default()
         };
-        match self.runtime.block_on(self.store.put_opts(
-            &self.path(key),
-            PutPayload::from(body),
-            opts,
-        )) {
-            Ok(_) => Ok(true),
+        let op = if update {
+            "PUT If-Match"
+        } else {
+            "PUT If-None-Match"
+        };
+        let path = self.path(key);
+        let put = self.store.put_opts(&path, PutPayload::from(body), opts);
+        match self.run(op, key, put) {
+            Ok(r) => Ok(Some(r.e_tag)),
             // The precondition failed: the object exists (create), or it
             // changed or is gone (update). A missing bucket is an error.
             Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            | Err(object_store::Error::Precondition { .. }) => Ok(None),
             Err(e @ object_store::Error::NotFound { .. })
                 if update && !e.to_string().contains("NoSuchBucket") =>
             {
-                Ok(false)
+                Ok(None)
             }
             Err(e) => Err(self.err(what, key, e)),
         }
+    }
+
+    /// A plain write; the new version if the store gave one.
+    fn put_plain(&self, key: &str, body: Vec<u8>) -> Result<Option<String>> {
+        let payload = PutPayload::from(body);
+        self.run("PUT", key, self.store.put(&self.path(key), payload))
+            .map(|r| r.e_tag)
+            .map_err(|e| self.err("write", key, e))
+    }
+
+    /// A create-only write (see the module documentation for stores
+    /// without conditional writes); `None` when an object exists, else
+    /// the new version if the store gave one.
+    fn create_owned(&self, key: &str, body: Vec<u8>) -> Result<Option<Option<String>>> {
+        if !self.conditional {
+            if self.head(key)?.is_some() {
+                return Ok(None);
+            }
+            return self.put_plain(key, body).map(Some);
+        }
+        self.put_conditional(key, body, PutMode::Create, "create")
     }
 
     /// A 404 is a missing object, unless the bucket itself is missing.
@@ -275,7 +321,7 @@ impl Backend for S3Backend {
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let path = self.path(key);
-        let got = self.runtime.block_on(async {
+        let got = self.run("GET", key, async {
             let r = self.store.get(&path).await?;
             r.bytes().await
         });
@@ -307,28 +353,22 @@ impl Backend for S3Backend {
     }
 
     fn put(&self, key: &str, body: &[u8]) -> Result<()> {
-        let payload = PutPayload::from(body.to_vec());
-        self.runtime
-            .block_on(self.store.put(&self.path(key), payload))
-            .map(|_| ())
-            .map_err(|e| self.err("write", key, e))
+        self.put_plain(key, body.to_vec()).map(|_| ())
     }
 
     fn put_new(&self, key: &str, body: &[u8]) -> Result<bool> {
-        if !self.conditional {
-            if self.head(key)?.is_some() {
-                return Ok(false);
-            }
-            return self.put(key, body).map(|()| true);
-        }
-        self.put_conditional(key, body.to_vec(), PutMode::Create, "create")
+        self.put_new_owned(key, body.to_vec())
+    }
+
+    fn create(&self, key: &str, body: &[u8]) -> Result<Created> {
+        Ok(match self.create_owned(key, body.to_vec())? {
+            Some(version) => Created::New(version),
+            None => Created::Exists,
+        })
     }
 
     fn put_new_owned(&self, key: &str, body: Vec<u8>) -> Result<bool> {
-        if !self.conditional {
-            return self.put_new(key, &body);
-        }
-        self.put_conditional(key, body, PutMode::Create, "create")
+        Ok(self.create_owned(key, body)?.is_some())
     }
 
     fn replace_if(&self, key: &str, body: &[u8], version: &str) -> Result<bool> {
@@ -336,11 +376,13 @@ impl Backend for S3Backend {
             e_tag: Some(version.to_string()),
             version: None,
         });
-        self.put_conditional(key, body.to_vec(), mode, "replace")
+        Ok(self
+            .put_conditional(key, body.to_vec(), mode, "replace")?
+            .is_some())
     }
 
     fn delete(&self, key: &str) -> Result<()> {
-        match self.runtime.block_on(self.store.delete(&self.path(key))) {
+        match self.run("DELETE", key, self.store.delete(&self.path(key))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("delete", key, e)),
         }
@@ -355,9 +397,8 @@ impl Backend for S3Backend {
         } else {
             Some(self.path(dir))
         };
-        let listed: std::result::Result<Vec<_>, _> = self
-            .runtime
-            .block_on(self.store.list(base.as_ref()).try_collect());
+        let listed: std::result::Result<Vec<_>, _> =
+            self.run("LIST", prefix, self.store.list(base.as_ref()).try_collect());
         let listed = listed.map_err(|e| self.err("list", prefix, e))?;
         let mut out: Vec<ObjectInfo> = listed
             .into_iter()
@@ -374,7 +415,7 @@ impl Backend for S3Backend {
     }
 
     fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        match self.runtime.block_on(self.store.head(&self.path(key))) {
+        match self.run("HEAD", key, self.store.head(&self.path(key))) {
             Ok(m) => Ok(Some(ObjectInfo {
                 key: key.to_string(),
                 size: m.size,
