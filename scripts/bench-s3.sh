@@ -347,10 +347,10 @@ rm -f "$W/out.raw"
 echo "copy restic / strata: $RCOPY / $SCOPY s = $(py "f'{$RCOPY/$SCOPY:.2f}x'"); newest image restored from strata's copy = source"
 
 echo; echo "## restore of the newest image from S3 (cold), load $(load)"
-# Beside it, what the server alone takes to serve the same chunk objects:
-# curl GETs every chunk object of the repository (the image references all
+# Beside it, what the server alone takes to serve the same objects:
+# curl GETs every pack of the repository (the image references nearly all
 # of them), 16 at once, into /dev/null.
-objects strata main/chunks/ > "$W/chunks.list"
+objects strata main/packs/ > "$W/chunks.list"
 read -r CHUNK_BYTES CHUNK_N < <(awk '{b += $2; n++} END {print b, n}' "$W/chunks.list")
 curlcfg GET strata "$W/chunks.list"
 RR=""; SR=""; CR=""; REST_RSS=""
@@ -364,7 +364,7 @@ for k in $(seq 1 "$ROUNDS"); do
     SR="$SR $(cat "$W/.last")"; REST_RSS="$REST_RSS $(cat "$W/.rss")"
     same "$W/out.raw" "$W/disk.raw" "strata's restore from S3"
     rm -f "$W/out.raw"; drop
-    curlrun "curl GET of its $CHUNK_N chunk objects" GET "$CHUNK_BYTES"; CR="$CR $(cat "$W/.last")"
+    curlrun "curl GET of its $CHUNK_N pack objects" GET "$CHUNK_BYTES"; CR="$CR $(cat "$W/.last")"
 done
 drop
 t "strata restore <- local (reference)" "$S" --repo "$W/local" -q restore bench@latest "$W/out.raw"
@@ -378,7 +378,7 @@ rm -f "$W/out.raw"
 REST_IN=$(cat "$W/.rchar")
 RREST=$(median $RR); SREST=$(median $SR); CREST=$(median $CR)
 echo "restore restic / strata (medians): $RREST / $SREST s = $(py "f'{$RREST/$SREST:.2f}x'");" \
-    "payload $(mib "$REST_IN") MiB (chunks the local restore read; all chunk objects: $(mib "$CHUNK_BYTES") MiB):" \
+    "payload $(mib "$REST_IN") MiB (chunks the local restore read; all pack objects: $(mib "$CHUNK_BYTES") MiB):" \
     "strata from S3 $(py "f'{$REST_IN/2**20/$SREST:.0f}'") MiB/s, curl alone $(py "f'{$CHUNK_BYTES/2**20/$CREST:.0f}'") MiB/s"
 
 echo; echo "## mount: cold sequential read of the newest image (dd bs=16M), load $(load)"

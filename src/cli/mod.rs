@@ -128,7 +128,31 @@ enum Command {
     Man(docs::ManArgs),
 }
 
+/// Two malloc arenas, unless the environment chose (`MALLOC_ARENA_MAX`,
+/// `GLIBC_TUNABLES`). glibc gives each thread that allocates under
+/// contention an arena of its own, up to 8 per core, and each keeps the
+/// high-water mark of what its thread allocated: a mount's 16 read-ahead
+/// threads, a restore's 16 workers, a backup's upload threads. Reading
+/// 1.5 GiB of one image through a mount at depth 30: peak RSS 212-216 MiB
+/// with the default, 139-141 MiB with two arenas, at the same 450-470
+/// MB/s (one arena: 126-129 MiB, but 408-436 MB/s).
+fn limit_malloc_arenas() {
+    let chosen = std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
+    #[cfg(target_env = "gnu")]
+    if !chosen {
+        // SAFETY: mallopt changes an allocator setting; called at startup,
+        // before any other thread runs.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = chosen;
+}
+
 pub fn main() -> ExitCode {
+    limit_malloc_arenas();
     let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(&cli);

@@ -71,29 +71,6 @@ pub fn check_mountpoint(mnt: &Path) -> Result<()> {
     }
 }
 
-/// Two malloc arenas for the server's threads, unless the environment
-/// chose (`MALLOC_ARENA_MAX`, `GLIBC_TUNABLES`). glibc gives each thread
-/// that allocates under contention an arena of its own, up to 8 per core:
-/// the 16 read-ahead threads and the FUSE workers each kept the high-water
-/// mark of the decoded chunks they had allocated, though the cache holds at
-/// most 96 MiB of them. Reading 1.5 GiB of one image at depth 30: peak RSS
-/// 212-216 MiB with the default, 139-141 MiB with two arenas, at the same
-/// 450-470 MB/s (one arena: 126-129 MiB, but 408-436 MB/s).
-fn limit_malloc_arenas() {
-    let chosen = std::env::var_os("MALLOC_ARENA_MAX").is_some()
-        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
-    #[cfg(target_env = "gnu")]
-    if !chosen {
-        // SAFETY: mallopt changes an allocator setting; called before the
-        // server's threads start.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-    #[cfg(not(target_env = "gnu"))]
-    let _ = chosen;
-}
-
 /// Mount and serve until unmounted or until SIGINT/SIGTERM/SIGHUP, which
 /// unmount cleanly. `ready` runs once the mount is in place.
 pub fn serve(
@@ -112,7 +89,6 @@ pub fn serve(
         &format!("mount {}", mnt.display()),
         Some(mnt.display().to_string()),
     )?;
-    limit_malloc_arenas();
     // Block the signals before any thread starts, so that every thread
     // inherits the mask and only the signal thread below receives them.
     let signals = block_signals()?;

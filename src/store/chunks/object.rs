@@ -21,7 +21,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::codec::{decode, encode_file, is_current_file};
@@ -46,7 +46,10 @@ const DAMAGED: &str = "damaged/";
 pub const PACK_SIZE: usize = 8 << 20;
 /// Packs uploading at once, and waiting for an upload thread.
 const UPLOADS: usize = 4;
-const UPLOADS_QUEUED: usize = 2;
+const UPLOADS_QUEUED: usize = 1;
+/// Sealed packs held in memory at most (uploading, queued, handed over):
+/// writers wait for room before they seal another.
+const SEALED: usize = UPLOADS + UPLOADS_QUEUED;
 /// One read-ahead request covers at most this many bytes of a pack.
 const WINDOW: u64 = 4 << 20;
 /// Chunks fetched ahead and not yet read, at most (bytes).
@@ -67,6 +70,8 @@ pub struct ObjectChunks {
     /// When the index was last brought in step with the bucket.
     synced: Mutex<Option<Instant>>,
     packing: Arc<Mutex<Packing>>,
+    /// Signalled when a sealed pack leaves memory.
+    room: Arc<Condvar>,
     /// Started on the first pack.
     uploader: OnceLock<Uploader>,
     ahead: ReadAhead,
@@ -78,6 +83,30 @@ struct Packing {
     open: PackBuilder,
     /// In the open pack or in one uploading.
     pending: HashSet<ChunkId>,
+    /// Sealed packs not yet stored (or failed).
+    sealed: usize,
+}
+
+/// A sealed pack's place among the [`SEALED`]; given back when dropped,
+/// whether its upload succeeded or not.
+struct SealedSlot {
+    packing: Arc<Mutex<Packing>>,
+    room: Arc<Condvar>,
+}
+
+impl Drop for SealedSlot {
+    fn drop(&mut self) {
+        self.packing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sealed -= 1;
+        self.room.notify_all();
+    }
+}
+
+fn new_pack() -> PackBuilder {
+    // Room for the last chunk past the mark: no reallocation on the way.
+    PackBuilder::with_capacity(PACK_SIZE + super::MAX_CHUNK_SIZE + (64 << 10))
 }
 
 /// A pack as gc sees it.
@@ -105,6 +134,7 @@ impl ObjectChunks {
             index: Arc::new(PackIndex::open(&home.join("packs.db"))?),
             synced: Mutex::new(None),
             packing: Arc::new(Mutex::new(Packing::default())),
+            room: Arc::new(Condvar::new()),
             uploader: OnceLock::new(),
             ahead: ReadAhead::new(READ_AHEAD_BUDGET),
         })
@@ -279,18 +309,39 @@ impl ObjectChunks {
             if !p.pending.insert(id) {
                 return Ok(0);
             }
+            if p.open.is_empty() && p.open.capacity() == 0 {
+                p.open = new_pack();
+            }
             p.open.add(id, &file);
-            (p.open.len() >= PACK_SIZE).then(|| std::mem::take(&mut p.open))
+            if p.open.len() >= PACK_SIZE {
+                Some(self.seal(p))
+            } else {
+                None
+            }
         };
-        if let Some(builder) = full {
-            self.upload(builder)?;
+        if let Some((builder, slot)) = full {
+            self.upload(builder, slot)?;
         }
         Ok(file.len() as u64)
     }
 
+    /// Take the open pack once fewer than [`SEALED`] are in memory (others
+    /// keep adding to it meanwhile, a chunk each at most).
+    fn seal(&self, mut p: std::sync::MutexGuard<'_, Packing>) -> (PackBuilder, SealedSlot) {
+        while p.sealed >= SEALED {
+            p = self.room.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        p.sealed += 1;
+        let slot = SealedSlot {
+            packing: self.packing.clone(),
+            room: self.room.clone(),
+        };
+        (std::mem::take(&mut p.open), slot)
+    }
+
     /// Seal a pack and hand it to the upload threads; its chunks are
     /// indexed once it is stored.
-    fn upload(&self, builder: PackBuilder) -> Result<()> {
+    fn upload(&self, builder: PackBuilder, slot: SealedSlot) -> Result<()> {
         let uploader = match self.uploader.get() {
             Some(u) => u,
             None => {
@@ -307,6 +358,8 @@ impl ObjectChunks {
             for e in &entries {
                 p.pending.remove(&e.id);
             }
+            drop(p);
+            drop(slot);
             Ok(())
         });
         uploader.send(pack::key(&pack.name), pack.bytes, stored)
@@ -477,11 +530,15 @@ impl ChunkStore for ObjectChunks {
 
     fn flush(&self) -> Result<()> {
         let open = {
-            let mut p = self.packing();
-            (!p.open.is_empty()).then(|| std::mem::take(&mut p.open))
+            let p = self.packing();
+            if p.open.is_empty() {
+                None
+            } else {
+                Some(self.seal(p))
+            }
         };
-        if let Some(builder) = open {
-            self.upload(builder)?;
+        if let Some((builder, slot)) = open {
+            self.upload(builder, slot)?;
         }
         match self.uploader.get() {
             Some(u) => u.flush(),

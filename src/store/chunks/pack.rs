@@ -75,6 +75,11 @@ impl PackBuilder {
         });
     }
 
+    /// Bytes reserved.
+    pub fn capacity(&self) -> usize {
+        self.body.capacity()
+    }
+
     /// Bytes of chunk files so far.
     pub fn len(&self) -> usize {
         self.body.len()
