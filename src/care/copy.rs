@@ -45,8 +45,6 @@ pub fn copy(src: &Repository, dst: &Repository, wanted: &[SnapshotInfo]) -> Resu
     let all = src.snapshots(None)?;
     let order = with_ancestors(&all, if wanted.is_empty() { &all } else { wanted })?;
     let same_names = src.chunks().id_of(b"strata") == dst.chunks().id_of(b"strata");
-    // Each snapshot's chunks are read in the order they were stored.
-    src.chunks().read_ahead(true);
     let mut report = CopyReport::default();
     for info in order {
         // Bound first: a guard in the scrutinee would hold the catalog
@@ -151,6 +149,8 @@ fn copy_one(
 ) -> Result<()> {
     let own = src.own_map(info)?;
     let chunks = own.chunks();
+    // In the order they were stored, mostly.
+    src.chunks().will_read(&chunks);
     let names: Mutex<HashMap<ChunkId, ChunkId>> = Mutex::new(HashMap::new());
     let (sent, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     let next = AtomicUsize::new(0);

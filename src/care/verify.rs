@@ -129,7 +129,7 @@ pub fn verify(
         // Every chunk is read: in the order they are stored, several per
         // request on object storage.
         repo.chunks().sort_for_reading(&mut wanted)?;
-        repo.chunks().read_ahead(true);
+        repo.chunks().will_read(&wanted);
     }
     let bad = check_chunks(repo, &wanted, opts.quick);
 

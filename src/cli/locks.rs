@@ -47,6 +47,7 @@ fn holders(repo: &Repository) -> Result<Vec<LeaseInfo>> {
             expires: String::new(),
             mountpoint: h.what.strip_prefix("mount ").map(str::to_string),
             what: h.what,
+            boot: None,
             key: String::new(),
         })
         .collect())

@@ -335,6 +335,9 @@ impl ImageFs {
             *spare = None;
         }
         drop(spare);
+        // Read-ahead on object storage fetches this image's chunks only
+        // (the image opened last: a hint, not a rule).
+        self.repo.chunks().will_read(map.chunk_table());
         let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
         maps.insert(ino, map);
         open.insert(ino, 1);

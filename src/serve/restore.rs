@@ -70,7 +70,7 @@ pub fn restore(repo: &Repository, info: &SnapshotInfo, target: &Path) -> Result<
     };
     let bar = crate::progress::bytes(map.data_bytes(), &format!("restore {}", info.reference()));
     // Chunks are read in the map's order, mostly the order they were stored.
-    repo.chunks().read_ahead(true);
+    repo.chunks().will_read(map.chunk_table());
     let mut restored = write_data(repo, &map, &out, !block_device, &|n| bar.inc(n))?;
     bar.finish_and_clear();
     restored.damaged = merge_touching(restored.damaged);

@@ -4,7 +4,8 @@
 //! mount, maintenance), host, pid, start and expiry; its holder rewrites
 //! it every [`REFRESH`] with a new expiry [`TTL`] ahead, and deletes it
 //! when done. A lease is *stale* once it expired, or at once when its
-//! holder is known dead: on the same host, its process is gone.
+//! holder is known dead: on the same host, its process is gone (or the host
+//! rebooted since: the lease names its boot).
 //!
 //! gc and prune hold the one `leases/maintenance.json`, written
 //! create-only. What they may delete, and what writers do while one runs,
@@ -42,6 +43,10 @@ pub struct LeaseInfo {
     pub mountpoint: Option<String>,
     #[serde(default)]
     pub what: String,
+    /// The holder's boot (`/proc/sys/kernel/random/boot_id`): after a
+    /// reboot its pid may name another process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<String>,
     /// The object's key (not stored in it).
     #[serde(default, skip_serializing)]
     pub key: String,
@@ -51,7 +56,9 @@ impl LeaseInfo {
     /// Expired, or its holder is known dead.
     pub fn is_stale(&self) -> bool {
         let expired = parse_time(&self.expires).map_or(true, |t| t < Utc::now());
-        expired || (self.host == host_name() && !pid_alive(self.pid))
+        let here = self.host == host_name();
+        let rebooted = matches!((&self.boot, boot_id()), (Some(a), Some(b)) if *a != b);
+        expired || (here && (rebooted || !pid_alive(self.pid)))
     }
 
     /// The name of the lease, `<host>.<pid>.<micros>` (its pins live under it).
@@ -81,6 +88,14 @@ pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// This boot's id, if the kernel tells.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|b| b.trim().to_string())
+        .filter(|b| !b.is_empty())
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -223,6 +238,7 @@ impl Lease {
             expires: String::new(),
             mountpoint,
             what: what.into(),
+            boot: boot_id(),
             key: key.clone(),
         };
         let taken = match take {
@@ -382,6 +398,7 @@ mod tests {
             expires: format_time(&(Utc::now() + TTL)),
             mountpoint: Some("/mnt".into()),
             what: String::new(),
+            boot: boot_id(),
             key: format!("{LEASES}dead.json"),
         };
         backend
@@ -394,6 +411,14 @@ mod tests {
             .unwrap();
         assert!(!list(backend.as_ref()).unwrap()[0].is_stale());
         assert!(remove_stale(backend.as_ref()).unwrap().is_empty());
+        // The same pid in an earlier boot of this host is another process.
+        if dead.boot.is_some() {
+            let earlier = LeaseInfo {
+                boot: Some("an-earlier-boot".into()),
+                ..dead.clone()
+            };
+            assert!(earlier.is_stale());
+        }
         // A stale maintenance lease does not block the next one.
         let stale = LeaseInfo {
             kind: "maintenance".into(),

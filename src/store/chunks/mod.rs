@@ -63,9 +63,10 @@ pub trait ChunkStore: Send + Sync {
     /// Keep what is read in this host's cache (object storage only): for
     /// a mount, which reads the same chunks again.
     fn keep_reads(&self, _keep: bool) {}
-    /// Reads will go through chunks mostly in the order they were stored
-    /// (object storage fetches those that follow in the same request).
-    fn read_ahead(&self, _on: bool) {}
+    /// Reads will go through `chunks` (each at most once), mostly in the
+    /// order they were stored: object storage fetches those of them that
+    /// follow one another in a pack in one request.
+    fn will_read(&self, _chunks: &[ChunkId]) {}
     /// Put `ids` in the order that reads them fastest.
     fn sort_for_reading(&self, _ids: &mut [ChunkId]) -> Result<()> {
         Ok(())

@@ -66,6 +66,10 @@ pub struct ObjectChunks {
     keep_reads: AtomicBool,
     /// Fetch the chunks after the one asked for with it.
     sequential: AtomicBool,
+    /// Those of them a sequential reader will ask for (all if `None`):
+    /// an image flattened from a chain skips chunks its newer snapshots
+    /// replaced, and a window must not fetch those.
+    wanted: std::sync::RwLock<Option<HashSet<ChunkId>>>,
     index: Arc<PackIndex>,
     /// When the index was last brought in step with the bucket.
     synced: Mutex<Option<Instant>>,
@@ -131,6 +135,7 @@ impl ObjectChunks {
             cache: ObjectCache::new(&home.join("cache"), object_cache::configured_size()?)?,
             keep_reads: AtomicBool::new(false),
             sequential: AtomicBool::new(false),
+            wanted: std::sync::RwLock::new(None),
             index: Arc::new(PackIndex::open(&home.join("packs.db"))?),
             synced: Mutex::new(None),
             packing: Arc::new(Mutex::new(Packing::default())),
@@ -437,14 +442,16 @@ impl ObjectChunks {
         Ok(Some(mine))
     }
 
-    /// The chunk at `first` and those right after it in the pack, up to
-    /// [`WINDOW`] bytes.
+    /// The chunk at `first` and those right after it in the pack that the
+    /// reader wants, up to [`WINDOW`] bytes.
     fn window(&self, pack: &str, first: ByteRange) -> Result<Vec<PackEntry>> {
+        let wanted = self.wanted.read().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<PackEntry> = Vec::new();
         let mut end = first.offset;
         for (e, bad) in self.index.entries_from(pack, first.offset, 64)? {
             let fits = e.range.end() - first.offset <= WINDOW || out.is_empty();
-            if bad || e.range.offset != end || !fits {
+            let want = out.is_empty() || wanted.as_ref().is_none_or(|w| w.contains(&e.id));
+            if bad || e.range.offset != end || !fits || !want {
                 break;
             }
             end = e.range.end();
@@ -597,8 +604,10 @@ impl ChunkStore for ObjectChunks {
         self.keep_reads.store(keep, Ordering::Relaxed);
     }
 
-    fn read_ahead(&self, on: bool) {
-        self.sequential.store(on, Ordering::Relaxed);
+    fn will_read(&self, chunks: &[ChunkId]) {
+        *self.wanted.write().unwrap_or_else(|e| e.into_inner()) =
+            Some(chunks.iter().copied().collect());
+        self.sequential.store(true, Ordering::Relaxed);
     }
 
     /// By pack and place in it, so that a sequential reader's windows
@@ -660,7 +669,7 @@ mod tests {
         assert_eq!(writer.put(&chunk(7)).unwrap().stored, 0);
 
         let reader = store(&backend, &dir.path().join("home-r"));
-        reader.read_ahead(true);
+        reader.will_read(&ids[..250]);
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..8 {
