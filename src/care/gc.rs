@@ -266,6 +266,13 @@ fn sweep_damaged(
 ) -> Result<()> {
     let chunks = repo.chunks();
     for id in chunks.damaged_records()? {
+        // On object storage the record also keeps every host off the bad
+        // copies: it stays until gc repacked them away.
+        if let Some(objects) = chunks.as_object() {
+            if !objects.damage_settled(&id)? {
+                continue;
+            }
+        }
         if chunks.contains(&id) || !referenced.contains(&id) {
             chunks.remove_damaged_record(&id)?;
             report.removed_damaged += 1;
@@ -301,17 +308,28 @@ fn sweep_packs(
         .filter(|(p, keep)| is_small(p) && !keep.is_empty())
         .count();
     let mut doomed: Vec<&PackInfo> = Vec::new();
+    let mut rewrite: Vec<(&PackInfo, &[PackEntry])> = Vec::new();
     for (pack, keep) in packs.iter().zip(&plans) {
         if keep.is_empty() {
             doomed.push(pack);
         } else if repack_worth_it(pack, keep, small) {
-            let written = objects.repack(pack, keep)?;
-            objects.delete_pack(pack)?;
-            report.repacked_packs += 1;
-            report.deleted_chunks += pack.entries.len() - keep.len();
-            report.freed_bytes += pack.size.saturating_sub(written);
+            rewrite.push((pack, keep));
         }
     }
+    // All rewritten at once, so that small packs merge; every new pack is
+    // stored before an old one goes.
+    let (written, names) = objects.repack(&rewrite)?;
+    let mut freed_by_repack = 0;
+    for (pack, keep) in &rewrite {
+        if names.contains(&pack.name) {
+            continue; // written again as it was: it is its own new copy
+        }
+        objects.delete_pack(pack)?;
+        report.repacked_packs += 1;
+        report.deleted_chunks += pack.entries.len() - keep.len();
+        freed_by_repack += pack.size;
+    }
+    report.freed_bytes += freed_by_repack.saturating_sub(written);
     delete_packs(objects, &doomed)?;
     report.deleted_chunks += doomed.iter().map(|p| p.entries.len()).sum::<usize>();
     report.freed_bytes += doomed.iter().map(|p| p.size).sum::<u64>();

@@ -78,6 +78,8 @@ pub struct ObjectChunks {
     room: Arc<Condvar>,
     /// Started on the first pack.
     uploader: OnceLock<Uploader>,
+    /// Names of the packs this process sealed, in order (for gc's repack).
+    written: Mutex<Vec<String>>,
     ahead: ReadAhead,
 }
 
@@ -141,6 +143,7 @@ impl ObjectChunks {
             packing: Arc::new(Mutex::new(Packing::default())),
             room: Arc::new(Condvar::new()),
             uploader: OnceLock::new(),
+            written: Mutex::new(Vec::new()),
             ahead: ReadAhead::new(READ_AHEAD_BUDGET),
         })
     }
@@ -243,36 +246,63 @@ impl ObjectChunks {
         Ok(())
     }
 
-    /// Store `keep` (chunks of pack `info`) in new packs, so that the pack
-    /// can be deleted; chunks that fail to decode are left out (and are
-    /// missing from then on, as their damaged copy is). The bytes written.
-    pub fn repack(&self, info: &PackInfo, keep: &[PackEntry]) -> Result<u64> {
-        let key = pack::key(&info.name);
-        let Some(bytes) = self.backend.get(&key)? else {
-            return Err(Error::invalid(format!(
-                "{key} vanished while gc repacked it"
-            )));
-        };
+    /// Store the `keep` chunks of each pack in new packs, all flushed
+    /// before this returns, so that the old packs can be deleted; the
+    /// bytes written and the names of the packs written (an old pack whose
+    /// chunks all went into one new pack in the same order is written
+    /// again under its own name: it must not be deleted then). A chunk
+    /// that fails its check is recorded as damaged there and stops the
+    /// repack before anything is deleted: the next gc keeps another copy.
+    pub fn repack(&self, packs: &[(&PackInfo, &[PackEntry])]) -> Result<(u64, HashSet<String>)> {
+        let before = self.written_names().len();
         let mut written = 0;
         let mut scratch = Vec::new();
-        for e in keep {
-            let file = usize::try_from(e.range.offset)
-                .ok()
-                .zip(usize::try_from(e.range.end()).ok())
-                .and_then(|(s, t)| bytes.get(s..t));
-            let Some(file) = file else {
-                log::warn!("chunk {} lies outside {key}; left out", e.id);
-                continue;
+        for (info, keep) in packs {
+            let key = pack::key(&info.name);
+            let bytes = match self.backend.get(&key)? {
+                Some(b) if b.len() as u64 == info.size => b,
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "{key} vanished or changed while gc repacked it"
+                    )))
+                }
             };
-            let mut copy = file.to_vec();
-            if let Err(err) = decode(&e.id, &mut copy, &mut scratch, self.keys.as_deref()) {
-                log::warn!("chunk {} in {key} is damaged ({err}); left out", e.id);
-                continue;
+            for e in keep.iter() {
+                let file = usize::try_from(e.range.offset)
+                    .ok()
+                    .zip(usize::try_from(e.range.end()).ok())
+                    .and_then(|(s, t)| bytes.get(s..t))
+                    .unwrap_or_default();
+                let mut copy = file.to_vec();
+                if let Err(err) = decode(&e.id, &mut copy, &mut scratch, self.keys.as_deref()) {
+                    self.record_damage(&e.id, Some(&info.name))?;
+                    return Err(Error::invalid(format!(
+                        "chunk {} in {key} is damaged ({err}); recorded, nothing deleted: \
+                         run gc again to keep another copy",
+                        e.id
+                    )));
+                }
+                written += self.add(e.id, file.to_vec())?;
             }
-            written += self.add(e.id, file.to_vec())?;
         }
         self.flush()?;
-        Ok(written)
+        let names = self.written_names()[before..].iter().cloned().collect();
+        Ok((written, names))
+    }
+
+    fn written_names(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.written.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether no pack the damage record of `id` names is still indexed
+    /// (gc repacked them): only then may the record go, since it is what
+    /// keeps every host from trusting those copies.
+    pub fn damage_settled(&self, id: &ChunkId) -> Result<bool> {
+        let packs = self.index.packs()?;
+        Ok(self
+            .damaged_packs(id)?
+            .iter()
+            .all(|p| !packs.contains_key(p)))
     }
 
     /// The packs a damaged record names (empty for a chunk found missing).
@@ -318,11 +348,7 @@ impl ObjectChunks {
                 p.open = new_pack();
             }
             p.open.add(id, &file);
-            if p.open.len() >= PACK_SIZE {
-                Some(self.seal(p))
-            } else {
-                None
-            }
+            self.seal(p, PACK_SIZE)
         };
         if let Some((builder, slot)) = full {
             self.upload(builder, slot)?;
@@ -330,18 +356,31 @@ impl ObjectChunks {
         Ok(file.len() as u64)
     }
 
-    /// Take the open pack once fewer than [`SEALED`] are in memory (others
-    /// keep adding to it meanwhile, a chunk each at most).
-    fn seal(&self, mut p: std::sync::MutexGuard<'_, Packing>) -> (PackBuilder, SealedSlot) {
+    /// Take the open pack if it holds `at_least` bytes, once fewer than
+    /// [`SEALED`] are in memory (others keep adding to it meanwhile, a
+    /// chunk each at most); `None` if it is smaller, or another writer
+    /// took it while this one waited.
+    fn seal(
+        &self,
+        mut p: std::sync::MutexGuard<'_, Packing>,
+        at_least: usize,
+    ) -> Option<(PackBuilder, SealedSlot)> {
+        let due = |p: &Packing| !p.open.is_empty() && p.open.len() >= at_least;
+        if !due(&p) {
+            return None;
+        }
         while p.sealed >= SEALED {
             p = self.room.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        if !due(&p) {
+            return None;
         }
         p.sealed += 1;
         let slot = SealedSlot {
             packing: self.packing.clone(),
             room: self.room.clone(),
         };
-        (std::mem::take(&mut p.open), slot)
+        Some((std::mem::take(&mut p.open), slot))
     }
 
     /// Seal a pack and hand it to the upload threads; its chunks are
@@ -355,6 +394,7 @@ impl ObjectChunks {
             }
         };
         let pack = builder.finish();
+        self.written_names().push(pack.name.clone());
         let (index, packing) = (self.index.clone(), self.packing.clone());
         let (name, size, entries) = (pack.name.clone(), pack.bytes.len() as u64, pack.entries);
         let stored: Stored = Box::new(move || {
@@ -392,8 +432,9 @@ impl ObjectChunks {
             match self.fetch_at(id, &loc)? {
                 Some(body) => return Ok(Some((body, false))),
                 None => {
+                    // gc repacked it: its chunks are in a pack listed now.
                     self.index.remove(&loc.pack)?;
-                    self.resync()?;
+                    self.sync()?;
                 }
             }
         }
@@ -536,17 +577,16 @@ impl ChunkStore for ObjectChunks {
     }
 
     fn flush(&self) -> Result<()> {
-        let open = {
-            let p = self.packing();
-            if p.open.is_empty() {
-                None
-            } else {
-                Some(self.seal(p))
-            }
-        };
+        let open = self.seal(self.packing(), 1);
         if let Some((builder, slot)) = open {
             self.upload(builder, slot)?;
         }
+        // Packs other writers sealed and have not handed over yet.
+        let mut p = self.packing();
+        while p.sealed > 0 {
+            p = self.room.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(p);
         match self.uploader.get() {
             Some(u) => u.flush(),
             None => Ok(()),
@@ -699,8 +739,14 @@ mod tests {
         let gc = store(&backend, &dir.path().join("home-gc"));
         let packs = gc.packs().unwrap();
         assert_eq!(packs.len(), 1);
-        let keep: Vec<PackEntry> = packs[0].entries[5..].iter().map(|(e, _)| *e).collect();
-        gc.repack(&packs[0], &keep).unwrap();
+        // Kept whole, a pack is written again under its own name: gc must
+        // see that and not delete it.
+        let all: Vec<PackEntry> = packs[0].entries.iter().map(|(e, _)| *e).collect();
+        let (_, names) = gc.repack(&[(&packs[0], &all[..])]).unwrap();
+        assert!(names.contains(&packs[0].name), "{names:?}");
+        let keep = &all[5..];
+        let (written, names) = gc.repack(&[(&packs[0], keep)]).unwrap();
+        assert!(written > 0 && !names.contains(&packs[0].name));
         gc.delete_pack(&packs[0]).unwrap();
 
         // The reader's index still names the deleted pack.

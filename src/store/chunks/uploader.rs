@@ -124,9 +124,14 @@ fn work(backend: &dyn Backend, rx: &Mutex<Receiver<Job>>, state: &(Mutex<State>,
             Ok(())
         } else {
             // An object already there under a content name is the same one.
-            backend
-                .put_new_owned(&job.key, job.body)
-                .and_then(|_| (job.stored)())
+            // A panic must still count the job done, or flush would wait
+            // for it forever.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                backend
+                    .put_new_owned(&job.key, job.body)
+                    .and_then(|_| (job.stored)())
+            }))
+            .unwrap_or_else(|_| Err(Error::invalid(format!("uploading {} panicked", job.key))))
         };
         finish(state, result.err());
     }
