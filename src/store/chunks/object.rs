@@ -54,6 +54,8 @@ const SEALED: usize = UPLOADS + UPLOADS_QUEUED;
 const WINDOW: u64 = 4 << 20;
 /// Chunks fetched ahead and not yet read, at most (bytes).
 const READ_AHEAD_BUDGET: usize = 64 << 20;
+/// Tries at a damage record that others write at the same moment.
+const RECORD_ATTEMPTS: usize = 5;
 /// After a chunk was not found, another look at the bucket only after this.
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
 
@@ -319,17 +321,32 @@ impl ObjectChunks {
     /// Record that the copy of a chunk in `pack` (if any) is damaged.
     fn record_damage(&self, id: &ChunkId, pack: Option<&str>) -> Result<()> {
         let record = format!("{DAMAGED}{}", id.to_hex());
-        let mut packs = self.damaged_packs(id)?;
-        let exists = self.backend.head(&record)?.is_some();
-        if let Some(p) = pack {
-            if !packs.iter().any(|q| q == p) {
-                packs.push(p.to_string());
+        // Conditional writes: two hosts recording damage to the same chunk
+        // at once must not lose each other's pack.
+        for _ in 0..RECORD_ATTEMPTS {
+            let before = self.backend.head(&record)?;
+            let mut packs = self.damaged_packs(id)?;
+            let after = self.backend.head(&record)?;
+            if before.as_ref().map(|o| &o.version) != after.as_ref().map(|o| &o.version) {
+                continue; // changed while read
             }
-        } else if exists {
-            return Ok(());
+            match pack {
+                Some(p) if packs.iter().any(|q| q == p) => break,
+                Some(p) => packs.push(p.to_string()),
+                None if after.is_some() => break,
+                None => {}
+            }
+            let body: String = packs.iter().map(|p| format!("{p}\n")).collect();
+            let written = match &after {
+                None => self.backend.put_new(&record, body.as_bytes())?,
+                Some(o) => self
+                    .backend
+                    .replace_if(&record, body.as_bytes(), &o.version)?,
+            };
+            if written {
+                break;
+            }
         }
-        let body: String = packs.iter().map(|p| format!("{p}\n")).collect();
-        self.backend.put(&record, body.as_bytes())?;
         if let Some(p) = pack {
             self.index.mark_bad(id, p)?;
         }
@@ -754,5 +771,23 @@ mod tests {
         assert_eq!(reader.get(&ids[9]).unwrap(), chunk(9));
         let err = reader.get(&ids[1]).unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn damage_records_gather_every_pack_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(&dir.path().join("bucket")));
+        let a = store(&backend, &dir.path().join("home-a"));
+        let id = ChunkId::of(b"x");
+        a.record_damage(&id, None).unwrap();
+        assert!(a.damaged_packs(&id).unwrap().is_empty());
+        a.record_damage(&id, Some("p1")).unwrap();
+        let b = store(&backend, &dir.path().join("home-b"));
+        b.record_damage(&id, Some("p2")).unwrap();
+        b.record_damage(&id, Some("p1")).unwrap();
+        a.record_damage(&id, None).unwrap();
+        assert_eq!(a.damaged_packs(&id).unwrap(), ["p1", "p2"]);
+        assert_eq!(a.damaged_records().unwrap(), [id]);
+        assert!(a.damage_settled(&id).unwrap(), "no such packs indexed");
     }
 }
