@@ -168,13 +168,6 @@ impl ObjectChunks {
         Ok(())
     }
 
-    /// Forget the index (rebuilt from the bucket on next use).
-    pub fn clear_index(&self) -> Result<()> {
-        self.index.clear()?;
-        *self.synced.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        Ok(())
-    }
-
     fn ensure_synced(&self) -> Result<()> {
         if self
             .synced

@@ -137,13 +137,6 @@ impl PackIndex {
         Ok(())
     }
 
-    /// Forget everything (the cache is rebuilt from the bucket).
-    pub fn clear(&self) -> Result<()> {
-        self.conn()
-            .execute_batch("DELETE FROM entries; DELETE FROM packs;")?;
-        Ok(())
-    }
-
     /// Every indexed pack with its size.
     pub fn packs(&self) -> Result<HashMap<String, u64>> {
         let conn = self.conn();
