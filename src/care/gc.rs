@@ -136,7 +136,7 @@ pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> 
         holders
             .iter()
             .filter(|h| matches!(h.activity, Activity::Mount | Activity::Restore))
-            .map(|h| format!("{}.{}", h.pid, (h.started * 1e6) as u64))
+            .map(|h| h.name.clone())
             .collect()
     };
     // A mount or restore that started after the look above counts too.
@@ -147,9 +147,7 @@ pub fn gc_with(repo: &Repository, _lock: &MaintenanceLock, opts: &GcOptions) -> 
                 .iter()
                 .any(|l| l.key == key && !l.is_stale()));
         }
-        Ok(lock::holders(repo.home())?
-            .iter()
-            .any(|h| format!("{}.{}", h.pid, (h.started * 1e6) as u64) == name))
+        Ok(lock::holders(repo.home())?.iter().any(|h| h.name == name))
     };
     referenced.extend(pins::pinned_chunks(repo.backend(), &live, &alive_now)?);
     crate::testhook::pause("gc:marked");
