@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::codec::{decode, encode_file, is_current_file};
+use super::codec::{chunk_id, decode, encode_file, is_current_file};
 use super::object_cache::{self, ObjectCache};
 use super::pack::{self, PackBuilder, PackEntry};
 use super::pack_index::{Location, PackIndex};
@@ -80,8 +80,8 @@ pub struct ObjectChunks {
     room: Arc<Condvar>,
     /// Started on the first pack.
     uploader: OnceLock<Uploader>,
-    /// Names of the packs this process sealed, in order (for gc's repack).
-    written: Mutex<Vec<String>>,
+    /// Names of the packs sealed while a repack runs (gc's), else `None`.
+    written: Mutex<Option<Vec<String>>>,
     ahead: ReadAhead,
 }
 
@@ -145,7 +145,7 @@ impl ObjectChunks {
             packing: Arc::new(Mutex::new(Packing::default())),
             room: Arc::new(Condvar::new()),
             uploader: OnceLock::new(),
-            written: Mutex::new(Vec::new()),
+            written: Mutex::new(None),
             ahead: ReadAhead::new(READ_AHEAD_BUDGET),
         })
     }
@@ -157,7 +157,16 @@ impl ObjectChunks {
     /// Bring the index in step with the bucket: its packs, and the copies
     /// found damaged on any host.
     pub fn sync(&self) -> Result<()> {
+        self.sync_unless_since(None)
+    }
+
+    /// [`sync`](Self::sync), unless one finished after `since` (readers
+    /// meeting the same vanished pack at once list the bucket once).
+    fn sync_unless_since(&self, since: Option<Instant>) -> Result<()> {
         let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        if since.is_some_and(|t| synced.is_some_and(|last| last >= t)) {
+            return Ok(());
+        }
         self.index.sync(self.backend.as_ref())?;
         for id in self.damaged_records()? {
             for pack in self.damaged_packs(&id)? {
@@ -249,7 +258,13 @@ impl ObjectChunks {
     /// that fails its check is recorded as damaged there and stops the
     /// repack before anything is deleted: the next gc keeps another copy.
     pub fn repack(&self, packs: &[(&PackInfo, &[PackEntry])]) -> Result<(u64, HashSet<String>)> {
-        let before = self.written_names().len();
+        *self.written_names() = Some(Vec::new());
+        let result = self.repack_into_new(packs);
+        let names = self.written_names().take().unwrap_or_default();
+        result.map(|written| (written, names.into_iter().collect()))
+    }
+
+    fn repack_into_new(&self, packs: &[(&PackInfo, &[PackEntry])]) -> Result<u64> {
         let mut written = 0;
         let mut scratch = Vec::new();
         for (info, keep) in packs {
@@ -281,11 +296,10 @@ impl ObjectChunks {
             }
         }
         self.flush()?;
-        let names = self.written_names()[before..].iter().cloned().collect();
-        Ok((written, names))
+        Ok(written)
     }
 
-    fn written_names(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+    fn written_names(&self) -> std::sync::MutexGuard<'_, Option<Vec<String>>> {
         self.written.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -293,11 +307,12 @@ impl ObjectChunks {
     /// (gc repacked them): only then may the record go, since it is what
     /// keeps every host from trusting those copies.
     pub fn damage_settled(&self, id: &ChunkId) -> Result<bool> {
-        let packs = self.index.packs()?;
-        Ok(self
-            .damaged_packs(id)?
-            .iter()
-            .all(|p| !packs.contains_key(p)))
+        for pack in self.damaged_packs(id)? {
+            if self.index.has_pack(&pack)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The packs a damaged record names (empty for a chunk found missing).
@@ -404,7 +419,9 @@ impl ObjectChunks {
             }
         };
         let pack = builder.finish();
-        self.written_names().push(pack.name.clone());
+        if let Some(names) = self.written_names().as_mut() {
+            names.push(pack.name.clone());
+        }
         let (index, packing) = (self.index.clone(), self.packing.clone());
         let (name, size, entries) = (pack.name.clone(), pack.bytes.len() as u64, pack.entries);
         let stored: Stored = Box::new(move || {
@@ -439,12 +456,13 @@ impl ObjectChunks {
             let Some(loc) = self.locate(id)? else {
                 return Ok(None);
             };
+            let asked = Instant::now();
             match self.fetch_at(id, &loc)? {
                 Some(body) => return Ok(Some((body, false))),
                 None => {
                     // gc repacked it: its chunks are in a pack listed now.
                     self.index.remove(&loc.pack)?;
-                    self.sync()?;
+                    self.sync_unless_since(Some(asked))?;
                 }
             }
         }
@@ -552,10 +570,7 @@ impl ObjectChunks {
 
 impl ChunkStore for ObjectChunks {
     fn id_of(&self, data: &[u8]) -> ChunkId {
-        match self.keys.as_deref() {
-            Some(k) => k.chunk_id(data),
-            None => ChunkId::of(data),
-        }
+        chunk_id(self.keys.as_deref(), data)
     }
 
     fn put(&self, data: &[u8]) -> Result<PutOutcome> {

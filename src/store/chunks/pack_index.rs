@@ -137,6 +137,12 @@ impl PackIndex {
         Ok(())
     }
 
+    pub fn has_pack(&self, name: &str) -> Result<bool> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached("SELECT 1 FROM packs WHERE name = ?1")?;
+        Ok(st.exists([name])?)
+    }
+
     /// Every indexed pack with its size.
     pub fn packs(&self) -> Result<HashMap<String, u64>> {
         let conn = self.conn();
