@@ -43,6 +43,7 @@
 # curl, python3 (the image comes from scripts/benchdata.py, no qemu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/weed-mini.sh
 GIB=${BENCH_GIB:-2}
 W=${BENCH_DIR:-/var/tmp/strata-bench-s3}
 SETTLE=${BENCH_SETTLE:-10}
@@ -122,42 +123,11 @@ mib() { py "f'{$1 / 2**20:.0f}'"; }
 same() { cmp "$1" "$2" || { echo "FAILED: $3 differs from the source" >&2; exit 1; }; }
 
 # ---------------------------------------------------------------- the server
-free_ports() {
-    python3 - "$1" <<'PY'
-import socket, sys
-held = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    held.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in held))
-PY
-}
-read -r -a PORTS < <(free_ports 10)
-read -r master mgrpc volume vgrpc filer fgrpc s3 s3grpc admin agrpc <<< "${PORTS[*]}"
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1
-export AWS_DEFAULT_REGION=$AWS_REGION AWS_ENDPOINT_URL="http://127.0.0.1:$s3"
+# No bucket created by a PUT into it.
+weed_start "$W/weed" -s3.autoCreateBucket=false
+export AWS_DEFAULT_REGION=$AWS_REGION AWS_ENDPOINT_URL
 EP=$AWS_ENDPOINT_URL
-mkdir "$W/weed" "$W/weed/data"
-cat > "$W/weed/s3.json" <<JSON
-{"identities": [{"name": "bench",
-  "credentials": [{"accessKey": "$AWS_ACCESS_KEY_ID", "secretKey": "$AWS_SECRET_ACCESS_KEY"}],
-  "actions": ["Admin", "Read", "Write", "List"]}]}
-JSON
-# As tests/common/s3.rs starts it: every port chosen, extras off, no
-# bucket created by a PUT into it.
-setsid weed -logtostderr mini -dir="$W/weed/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-    -master.port="$master" -master.port.grpc="$mgrpc" \
-    -volume.port="$volume" -volume.port.grpc="$vgrpc" \
-    -filer.port="$filer" -filer.port.grpc="$fgrpc" \
-    -s3.port="$s3" -s3.port.grpc="$s3grpc" \
-    -admin.port="$admin" -admin.port.grpc="$agrpc" \
-    -s3.config="$W/weed/s3.json" -admin.ui=false -webdav=false \
-    -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false \
-    -s3.autoCreateBucket=false \
-    -filer.localSocket="$W/weed/filer.sock" -s3.localSocket="$W/weed/s3.sock" \
-    > "$W/weed/weed.log" 2>&1 < /dev/null &
-WEED_PID=$!
 SIGN=(--aws-sigv4 "aws:amz:$AWS_REGION:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY")
 deadline=$((SECONDS + 60))
 until [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "${SIGN[@]}" "$EP/")" = 200 ]; do

@@ -17,6 +17,7 @@
 # show here), and the server's peak RSS. Needs curl, python3, and weed
 # (scripts/install-deps.sh) for an own server.
 set -euo pipefail
+. "$(dirname "$0")/weed-mini.sh"
 MIB=${LIMIT_MIB:-2048}
 PAR=${LIMIT_PAR:-8 16}
 W=${LIMIT_DIR:-/var/tmp/strata-s3-limit}
@@ -36,42 +37,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# free_ports N: N distinct TCP ports free on 127.0.0.1 now.
-free_ports() {
-    python3 - "$1" <<'PY'
-import socket, sys
-held = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    held.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in held))
-PY
-}
-
 if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
-    read -r -a PORTS < <(free_ports 10)
-    read -r master mgrpc volume vgrpc filer fgrpc s3 s3grpc admin agrpc <<< "${PORTS[*]}"
     AWS_ACCESS_KEY_ID=limit AWS_SECRET_ACCESS_KEY=limitsecret
-    AWS_ENDPOINT_URL="http://127.0.0.1:$s3"
-    cat > "$W/s3.json" <<JSON
-{"identities": [{"name": "limit",
-  "credentials": [{"accessKey": "$AWS_ACCESS_KEY_ID", "secretKey": "$AWS_SECRET_ACCESS_KEY"}],
-  "actions": ["Admin", "Read", "Write", "List"]}]}
-JSON
-    mkdir "$W/data"
-    # As tests/common/s3.rs starts it: every port chosen, extras off.
-    setsid weed -logtostderr mini -dir="$W/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-        -master.port="$master" -master.port.grpc="$mgrpc" \
-        -volume.port="$volume" -volume.port.grpc="$vgrpc" \
-        -filer.port="$filer" -filer.port.grpc="$fgrpc" \
-        -s3.port="$s3" -s3.port.grpc="$s3grpc" \
-        -admin.port="$admin" -admin.port.grpc="$agrpc" \
-        -s3.config="$W/s3.json" -admin.ui=false -webdav=false \
-        -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false \
-        -filer.localSocket="$W/filer.sock" -s3.localSocket="$W/s3.sock" \
-        > "$W/weed.log" 2>&1 &
-    WEED_PID=$!
+    weed_start "$W"
 fi
 SIGN=(--aws-sigv4 "aws:amz:$REGION:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY")
 EP=${AWS_ENDPOINT_URL%/}
