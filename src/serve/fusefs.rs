@@ -47,7 +47,11 @@ const FILE_TTL: Duration = Duration::from_secs(3600);
 const DIR_TTL: Duration = Duration::from_secs(1);
 /// How far ahead of a sequential reader chunks are decoded.
 const READ_AHEAD: u64 = 32 << 20;
+/// Decoded chunks kept in memory. Less on object storage, where the
+/// chunks fetched ahead of their reader also wait in memory (the store's
+/// read-ahead, up to 96 MiB), so that a mount stays within 256 MiB.
 const CACHE_BYTES: usize = 96 << 20;
+const REMOTE_CACHE_BYTES: usize = 48 << 20;
 const READ_AHEAD_THREADS: usize = 16;
 
 /// One snapshot as the mount shows it; shared by its `.raw` and `.json`.
@@ -153,7 +157,12 @@ fn remote_refresher(repo: &Repository, synced: &AtomicU64) {
 
 impl ImageFs {
     pub fn new(repo: Arc<Repository>, pins: PinDir, extra: Option<ExtraFiles>) -> Result<Self> {
-        let cache = Arc::new(ChunkCache::new(CACHE_BYTES));
+        let bytes = if repo.is_remote() {
+            REMOTE_CACHE_BYTES
+        } else {
+            CACHE_BYTES
+        };
+        let cache = Arc::new(ChunkCache::new(bytes));
         let (tx, rx) = sync_channel::<ChunkId>(256);
         let rx = Arc::new(Mutex::new(rx));
         // More read-ahead threads than cores: on a cold cache they mostly

@@ -71,6 +71,21 @@ pub fn check_mountpoint(mnt: &Path) -> Result<()> {
     }
 }
 
+/// Serve buffers of 4 MiB and more from their own mappings, returned to
+/// the system when freed. glibc otherwise raises its threshold to the
+/// largest buffer freed so far, and a mount of object storage frees a
+/// window of up to 12 MiB per request: those then come from the heap,
+/// which fragments and keeps what it holds (peak RSS of a cold read of a
+/// 1 GiB image flattened from 10 snapshots: 246-266 MiB; with this,
+/// 216-235 MiB, for ~0.4 s more of page faults per GiB read).
+fn fixed_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt changes an allocator setting; glibc serializes it.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
 /// Mount and serve until unmounted or until SIGINT/SIGTERM/SIGHUP, which
 /// unmount cleanly. `ready` runs once the mount is in place.
 pub fn serve(
@@ -95,6 +110,9 @@ pub fn serve(
     let pins = PinDir::create(&repo, &registration)?;
     // A mount reads the same chunks again: keep them in this host's cache.
     repo.chunks().keep_reads(true);
+    if repo.is_remote() {
+        fixed_mmap_threshold();
+    }
     let fs = ImageFs::new(Arc::new(repo), pins, opts.extra_files.clone())?;
     let mut config = Config::default();
     config.mount_options = vec![

@@ -344,9 +344,11 @@ impl Backend for S3Backend {
 
     fn get_range(&self, key: &str, range: ByteRange) -> Result<Option<Vec<u8>>> {
         let path = self.path(key);
-        let got = self
-            .runtime
-            .block_on(self.store.get_range(&path, range.offset..range.end()));
+        let got = self.run(
+            "GET",
+            &format!("{key} {range}"),
+            self.store.get_range(&path, range.offset..range.end()),
+        );
         match got {
             Ok(b) if b.len() as u64 == range.length => Ok(Some(Vec::from(b))),
             Ok(b) => Err(Error::Remote {

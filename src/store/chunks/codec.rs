@@ -163,6 +163,36 @@ pub fn decode(
         (true, None) => return Err(bad("sealed (encrypted) chunk in an unencrypted repository")),
         (false, Some(_)) => return Err(bad("not sealed, in an encrypted repository")),
     };
+    decode_payload(id, encoding, payload, into, keys)
+}
+
+/// [`decode`] for an unencrypted repository, whose chunk files need not be
+/// opened in place: from shared bytes.
+pub fn decode_unsealed(id: &ChunkId, file: &[u8], into: &mut Vec<u8>) -> Result<()> {
+    let bad = |message: &str| Error::BadChunk {
+        hash: id.to_hex(),
+        message: message.to_string(),
+    };
+    let (encoding, range) = parse(file).map_err(bad)?;
+    if encoding & ENC_SEALED != 0 {
+        return Err(bad("sealed (encrypted) chunk in an unencrypted repository"));
+    }
+    decode_payload(id, encoding, &file[range], into, None)
+}
+
+/// Decompress (or copy) a chunk's opened payload into `into` and check it
+/// against the chunk's name.
+fn decode_payload(
+    id: &ChunkId,
+    encoding: u8,
+    payload: &[u8],
+    into: &mut Vec<u8>,
+    keys: Option<&Keys>,
+) -> Result<()> {
+    let bad = |message: &str| Error::BadChunk {
+        hash: id.to_hex(),
+        message: message.to_string(),
+    };
     match encoding & !ENC_SEALED {
         ENC_RAW => {
             into.clear();

@@ -4,20 +4,52 @@
 //! the bucket. Files are written whole (temporary name, rename), one at a
 //! time (writes, removals and the count of bytes go together, so the
 //! bound holds exactly); when the cache would outgrow its limit the oldest
-//! files go until it is at 80%.
+//! files go until it is at 80%. Readers hand chunks over to be written by
+//! a thread of the cache's (`insert_later`), so that a read never waits
+//! for the cache; when that thread falls behind by [`QUEUED_BYTES`], the
+//! chunk is not kept.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use crate::error::{IoContext, Result};
 
 /// `--cache-size` when none is given.
 pub const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
+/// Chunk bytes handed to the cache's writer and not written yet, at most.
+const QUEUED_BYTES: usize = 16 << 20;
 
 pub struct ObjectCache {
+    files: Arc<Files>,
+    /// To the writer thread, started by the first `insert_later`.
+    writer: OnceLock<Option<Writer>>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A chunk file to write: its hash (hex) and its bytes.
+type CacheFile = (String, Vec<u8>);
+
+struct Writer {
+    queue: SyncSender<CacheFile>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Drop for ObjectCache {
+    /// Write what is queued before the cache goes.
+    fn drop(&mut self) {
+        if let Some(Some(Writer { queue, thread })) = self.writer.take() {
+            drop(queue);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The cache's files and their count of bytes.
+struct Files {
     dir: PathBuf,
     limit: u64,
     used: AtomicU64,
@@ -57,26 +89,88 @@ pub fn parse_size(text: &str) -> Option<u64> {
 impl ObjectCache {
     pub fn new(dir: &Path, limit: u64) -> Result<Self> {
         fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
-        let cache = ObjectCache {
+        let files = Files {
             dir: dir.to_path_buf(),
             limit,
             used: AtomicU64::new(0),
             writing: Mutex::new(()),
         };
-        let used = cache.files()?.iter().map(|f| f.1).sum();
-        cache.used.store(used, Ordering::Relaxed);
+        let used = files.files()?.iter().map(|f| f.1).sum();
+        files.used.store(used, Ordering::Relaxed);
         if used > limit {
-            let _w = cache.lock();
-            cache.evict(0);
+            let _w = files.lock();
+            files.evict(0);
         }
-        Ok(cache)
+        Ok(ObjectCache {
+            files: Arc::new(files),
+            writer: OnceLock::new(),
+            queued: Arc::new(AtomicUsize::new(0)),
+        })
     }
 
+    pub fn get(&self, hex: &str) -> Option<Vec<u8>> {
+        self.files.get(hex)
+    }
+
+    /// Drop a file that failed its check.
+    pub fn remove(&self, hex: &str) {
+        self.files.remove(hex)
+    }
+
+    /// Keep a copy of a chunk file now. Failures only cost a later download.
+    pub fn insert(&self, hex: &str, body: &[u8]) {
+        self.files.insert(hex, body)
+    }
+
+    /// Whether [`insert_later`](Self::insert_later) would take a chunk
+    /// file of `len` bytes now.
+    pub fn has_room_for(&self, len: usize) -> bool {
+        self.queued.load(Ordering::Relaxed) + len <= QUEUED_BYTES
+    }
+
+    /// Keep a copy of a chunk file soon, unless the writer is behind.
+    pub fn insert_later(&self, hex: String, body: Vec<u8>) {
+        let len = body.len();
+        if !self.has_room_for(len) {
+            return;
+        }
+        let Some(writer) = self.writer.get_or_init(|| self.start_writer()) else {
+            return self.files.insert(&hex, &body);
+        };
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        if writer.queue.try_send((hex, body)).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+        }
+    }
+
+    /// The writer thread; it ends when the cache is dropped. `None` if it
+    /// cannot start (chunks are then written by their readers).
+    fn start_writer(&self) -> Option<Writer> {
+        let (queue, rx) = sync_channel::<CacheFile>(1024);
+        let (files, queued) = (self.files.clone(), self.queued.clone());
+        let spawned = std::thread::Builder::new()
+            .name("chunk-cache".into())
+            .spawn(move || {
+                for (hex, body) in rx {
+                    files.insert(&hex, &body);
+                    queued.fetch_sub(body.len(), Ordering::Relaxed);
+                }
+            });
+        spawned.ok().map(|thread| Writer { queue, thread })
+    }
+
+    /// Bytes the cache holds now.
+    pub fn used(&self) -> u64 {
+        self.files.used()
+    }
+}
+
+impl Files {
     fn path(&self, hex: &str) -> PathBuf {
         self.dir.join(&hex[..2]).join(hex)
     }
 
-    pub fn get(&self, hex: &str) -> Option<Vec<u8>> {
+    fn get(&self, hex: &str) -> Option<Vec<u8>> {
         fs::read(self.path(hex)).ok()
     }
 
@@ -84,8 +178,7 @@ impl ObjectCache {
         self.writing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drop a file that failed its check.
-    pub fn remove(&self, hex: &str) {
+    fn remove(&self, hex: &str) {
         let _w = self.lock();
         if let Ok(m) = fs::metadata(self.path(hex)) {
             if fs::remove_file(self.path(hex)).is_ok() {
@@ -97,8 +190,7 @@ impl ObjectCache {
         }
     }
 
-    /// Keep a copy of a chunk file. Failures only cost a later download.
-    pub fn insert(&self, hex: &str, body: &[u8]) {
+    fn insert(&self, hex: &str, body: &[u8]) {
         let len = body.len() as u64;
         if self.limit == 0 || len > self.limit / 4 {
             return;
@@ -162,8 +254,7 @@ impl ObjectCache {
         self.used.store(used, Ordering::Relaxed);
     }
 
-    /// Bytes the cache holds now.
-    pub fn used(&self) -> u64 {
+    fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
 }
@@ -182,6 +273,23 @@ mod tests {
     }
 
     #[test]
+    fn chunks_handed_over_are_written_by_the_time_the_cache_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ObjectCache::new(dir.path(), 1 << 20).unwrap();
+        for i in 0..8u32 {
+            cache.insert_later(format!("{:064x}", i), vec![i as u8; 4096]);
+        }
+        // Too much at once for the queue: not kept, and nothing waits.
+        assert!(!cache.has_room_for(QUEUED_BYTES + 1));
+        cache.insert_later(format!("{:064x}", 99), vec![0; QUEUED_BYTES + 1]);
+        drop(cache);
+        let cache = ObjectCache::new(dir.path(), 1 << 20).unwrap();
+        assert_eq!(cache.used(), 8 * 4096);
+        assert_eq!(cache.get(&format!("{:064x}", 7)).unwrap(), vec![7u8; 4096]);
+        assert!(cache.get(&format!("{:064x}", 99)).is_none());
+    }
+
+    #[test]
     fn stays_within_its_limit() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ObjectCache::new(dir.path(), 64 << 10).unwrap();
@@ -192,7 +300,7 @@ mod tests {
         }
         let hex = format!("{:064x}", 39);
         assert_eq!(cache.get(&hex).unwrap(), vec![39u8; 4096]);
-        let on_disk: u64 = cache.files().unwrap().iter().map(|f| f.1).sum();
+        let on_disk: u64 = cache.files.files().unwrap().iter().map(|f| f.1).sum();
         assert!(on_disk <= 64 << 10);
         // A new instance counts what is there.
         assert_eq!(

@@ -5,12 +5,68 @@
 //! While one thread fetches a window, others asking for a chunk in it wait
 //! for that request instead of making their own. The bytes kept are
 //! bounded: past the budget the oldest windows' chunks are dropped (and
-//! fetched again if asked for).
+//! fetched again if asked for), and a window on its way counts from the
+//! moment it is claimed: past the budget, a new window waits for those in
+//! flight. Chunks are pieces of their window's one buffer, not copies; a
+//! buffer counts against the budget whole while any of its pieces waits
+//! here.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Condvar, Mutex};
+use std::ops::{Deref, Range};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::model::chunk_id::ChunkId;
+
+/// A chunk's stored bytes: part of a buffer fetched for several chunks,
+/// or all of one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Piece {
+    buf: Arc<Vec<u8>>,
+    range: Range<usize>,
+}
+
+impl Piece {
+    pub fn whole(bytes: Vec<u8>) -> Piece {
+        let range = 0..bytes.len();
+        Piece {
+            buf: Arc::new(bytes),
+            range,
+        }
+    }
+
+    /// `range` of `buf`, which must lie within it.
+    pub fn of(buf: &Arc<Vec<u8>>, range: Range<usize>) -> Piece {
+        assert!(range.end <= buf.len(), "a piece lies within its buffer");
+        Piece {
+            buf: buf.clone(),
+            range,
+        }
+    }
+
+    /// Which buffer this is a piece of.
+    fn buffer(&self) -> usize {
+        Arc::as_ptr(&self.buf) as usize
+    }
+
+    /// The bytes as a vector of their own: moved if this piece is all of
+    /// a buffer nobody else holds, else copied.
+    pub fn into_vec(self) -> Vec<u8> {
+        if self.range.start == 0 && self.range.end == self.buf.len() {
+            match Arc::try_unwrap(self.buf) {
+                Ok(v) => return v,
+                Err(buf) => return buf[self.range].to_vec(),
+            }
+        }
+        self.buf[self.range].to_vec()
+    }
+}
+
+impl Deref for Piece {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
+}
 
 pub struct ReadAhead {
     state: Mutex<State>,
@@ -20,12 +76,65 @@ pub struct ReadAhead {
 
 #[derive(Default)]
 struct State {
-    ready: HashMap<ChunkId, Vec<u8>>,
+    ready: HashMap<ChunkId, Piece>,
     /// Ready chunks, oldest first (some may have been taken since).
     order: VecDeque<ChunkId>,
+    /// Buffers with pieces ready: how many, by buffer.
+    held: HashMap<usize, usize>,
+    /// Bytes of those buffers.
     bytes: usize,
     /// Chunks of windows being fetched.
     loading: HashSet<ChunkId>,
+    /// Windows being fetched (their bytes count in `bytes`).
+    fetching: usize,
+}
+
+/// The chunks a window brings (the first `chunks` of those asked for) and
+/// the bytes kept for it in the budget until it is filled.
+#[derive(Debug)]
+pub struct Claim {
+    pub chunks: usize,
+    bytes: usize,
+}
+
+impl State {
+    fn insert(&mut self, id: ChunkId, piece: Piece) {
+        let n = self.held.entry(piece.buffer()).or_insert(0);
+        if *n == 0 {
+            self.bytes += piece.buf.len();
+        }
+        *n += 1;
+        if let Some(old) = self.ready.insert(id, piece) {
+            self.release(&old);
+        }
+        self.order.push_back(id);
+    }
+
+    /// Drop the oldest ready chunk; false when none is left.
+    fn drop_oldest(&mut self) -> bool {
+        while let Some(old) = self.order.pop_front() {
+            if self.remove(&old).is_some() {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn remove(&mut self, id: &ChunkId) -> Option<Piece> {
+        let piece = self.ready.remove(id)?;
+        self.release(&piece);
+        Some(piece)
+    }
+
+    fn release(&mut self, piece: &Piece) {
+        if let Some(n) = self.held.get_mut(&piece.buffer()) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(&piece.buffer());
+                self.bytes -= piece.buf.len();
+            }
+        }
+    }
 }
 
 impl ReadAhead {
@@ -43,12 +152,11 @@ impl ReadAhead {
 
     /// The chunk's stored bytes if a window brought them, waiting while a
     /// window that has it is on its way; `None` when no window has it.
-    pub fn take(&self, id: &ChunkId) -> Option<Vec<u8>> {
+    pub fn take(&self, id: &ChunkId) -> Option<Piece> {
         let mut st = self.lock();
         loop {
-            if let Some(body) = st.ready.remove(id) {
-                st.bytes -= body.len();
-                return Some(body);
+            if let Some(piece) = st.remove(id) {
+                return Some(piece);
             }
             if !st.loading.contains(id) {
                 return None;
@@ -58,41 +166,52 @@ impl ReadAhead {
     }
 
     /// Claim the chunks a window will bring: the longest prefix of `ids`
-    /// that nobody holds or fetches. 0 means the first is on its way or
-    /// ready already: [`take`](Self::take) it.
-    pub fn claim(&self, ids: &[ChunkId]) -> usize {
+    /// that nobody holds or fetches, and room in the budget for the
+    /// `span(n)` bytes that bring the first `n` of them (dropping the
+    /// oldest chunks ready, else waiting for windows on their way). 0
+    /// chunks means the first is on its way or ready already:
+    /// [`take`](Self::take) it.
+    pub fn claim(&self, ids: &[ChunkId], span: impl Fn(usize) -> usize) -> Claim {
         let mut st = self.lock();
-        let n = ids
-            .iter()
-            .take_while(|id| !st.loading.contains(id) && !st.ready.contains_key(id))
-            .count();
-        st.loading.extend(&ids[..n]);
-        n
+        loop {
+            let n = ids
+                .iter()
+                .take_while(|id| !st.loading.contains(id) && !st.ready.contains_key(id))
+                .count();
+            if n == 0 {
+                return Claim {
+                    chunks: 0,
+                    bytes: 0,
+                };
+            }
+            let bytes = span(n);
+            while st.bytes + bytes > self.budget && st.drop_oldest() {}
+            if st.bytes + bytes <= self.budget || st.fetching == 0 {
+                st.loading.extend(&ids[..n]);
+                st.bytes += bytes;
+                st.fetching += 1;
+                return Claim { chunks: n, bytes };
+            }
+            st = self.arrived.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
-    /// Hand over what a window brought and end the claim on `claimed`
-    /// (chunks missing from `got` are simply not there: their readers
-    /// fetch them themselves).
-    pub fn fill(&self, claimed: &[ChunkId], got: Vec<(ChunkId, Vec<u8>)>) {
+    /// Hand over what a window brought and end its claim on the first
+    /// `claim.chunks` of `ids` (chunks missing from `got` are simply not
+    /// there: their readers fetch them themselves).
+    pub fn fill(&self, claim: Claim, ids: &[ChunkId], got: Vec<(ChunkId, Piece)>) {
         let mut st = self.lock();
-        for id in claimed {
+        for id in &ids[..claim.chunks] {
             st.loading.remove(id);
         }
-        for (id, body) in got {
-            st.bytes += body.len();
-            if let Some(old) = st.ready.insert(id, body) {
-                st.bytes -= old.len();
-            }
-            st.order.push_back(id);
+        if claim.chunks > 0 {
+            st.bytes -= claim.bytes;
+            st.fetching -= 1;
         }
-        while st.bytes > self.budget {
-            let Some(old) = st.order.pop_front() else {
-                break;
-            };
-            if let Some(body) = st.ready.remove(&old) {
-                st.bytes -= body.len();
-            }
+        for (id, piece) in got {
+            st.insert(id, piece);
         }
+        while st.bytes > self.budget && st.drop_oldest() {}
         if st.order.len() > 4 * st.ready.len() + 64 {
             // Taken chunks leave their names behind: drop them now and then.
             let State { order, ready, .. } = &mut *st;
@@ -111,34 +230,48 @@ mod tests {
         ChunkId([n; 32])
     }
 
+    fn piece(bytes: Vec<u8>) -> Piece {
+        Piece::whole(bytes)
+    }
+
+    /// Claim `ids` at 10 bytes a chunk; the chunks claimed.
+    fn claim(ra: &ReadAhead, ids: &[ChunkId]) -> Claim {
+        ra.claim(ids, |n| 10 * n)
+    }
+
     #[test]
     fn a_window_serves_its_chunks_once() {
         let ra = ReadAhead::new(1 << 20);
-        assert_eq!(ra.claim(&[id(1), id(2), id(3)]), 3);
+        let ids = [id(1), id(2), id(3)];
+        let c = claim(&ra, &ids);
+        assert_eq!(c.chunks, 3);
         // Being fetched: nobody else claims them.
-        assert_eq!(ra.claim(&[id(2)]), 0);
+        assert_eq!(claim(&ra, &[id(2)]).chunks, 0);
         ra.fill(
-            &[id(1), id(2), id(3)],
-            vec![(id(2), vec![2]), (id(3), vec![3])],
+            c,
+            &ids,
+            vec![(id(2), piece(vec![2])), (id(3), piece(vec![3]))],
         );
-        assert_eq!(ra.take(&id(2)), Some(vec![2]));
+        assert_eq!(ra.take(&id(2)).as_deref(), Some(&[2u8][..]));
         assert_eq!(ra.take(&id(2)), None);
         assert_eq!(ra.take(&id(1)), None);
         // Ready already: not claimed again.
-        assert_eq!(ra.claim(&[id(3), id(4)]), 0);
-        assert_eq!(ra.claim(&[id(4), id(3)]), 1);
+        assert_eq!(claim(&ra, &[id(3), id(4)]).chunks, 0);
+        assert_eq!(claim(&ra, &[id(4), id(3)]).chunks, 1);
     }
 
     #[test]
     fn readers_wait_for_a_window_on_its_way() {
         let ra = ReadAhead::new(1 << 20);
-        assert_eq!(ra.claim(&[id(1), id(2)]), 2);
+        let ids = [id(1), id(2)];
+        let c = claim(&ra, &ids);
+        assert_eq!(c.chunks, 2);
         std::thread::scope(|s| {
             let waiter = s.spawn(|| ra.take(&id(2)));
             // The waiter either waits or, if it runs after the fill, finds
             // the chunk ready: both end with the chunk.
-            ra.fill(&[id(1), id(2)], vec![(id(2), vec![7; 10])]);
-            assert_eq!(waiter.join().unwrap(), Some(vec![7; 10]));
+            ra.fill(c, &ids, vec![(id(2), piece(vec![7; 10]))]);
+            assert_eq!(waiter.join().unwrap().as_deref(), Some(&[7u8; 10][..]));
         });
     }
 
@@ -146,12 +279,67 @@ mod tests {
     fn the_budget_drops_the_oldest() {
         let ra = ReadAhead::new(25);
         for n in 0..5u8 {
-            assert_eq!(ra.claim(&[id(n)]), 1);
-            ra.fill(&[id(n)], vec![(id(n), vec![n; 10])]);
+            let c = claim(&ra, &[id(n)]);
+            assert_eq!(c.chunks, 1);
+            ra.fill(c, &[id(n)], vec![(id(n), piece(vec![n; 10]))]);
         }
         assert_eq!(ra.take(&id(0)), None);
         assert_eq!(ra.take(&id(2)), None);
-        assert_eq!(ra.take(&id(3)), Some(vec![3; 10]));
-        assert_eq!(ra.take(&id(4)), Some(vec![4; 10]));
+        assert_eq!(ra.take(&id(3)).as_deref(), Some(&[3u8; 10][..]));
+        assert_eq!(ra.take(&id(4)).as_deref(), Some(&[4u8; 10][..]));
+        assert_eq!(ra.lock().bytes, 0);
+    }
+
+    #[test]
+    fn windows_on_their_way_count_against_the_budget() {
+        let ra = ReadAhead::new(25);
+        let first = claim(&ra, &[id(1), id(2)]);
+        assert_eq!((first.chunks, ra.lock().bytes), (2, 20));
+        std::thread::scope(|s| {
+            // 20 + 10 > 25: the second window waits for the first.
+            let second = s.spawn(|| claim(&ra, &[id(3)]));
+            ra.fill(first, &[id(1), id(2)], vec![(id(2), piece(vec![2; 10]))]);
+            let second = second.join().unwrap();
+            assert_eq!(second.chunks, 1);
+            assert!(ra.lock().bytes <= 25, "{}", ra.lock().bytes);
+            ra.fill(second, &[id(3)], vec![(id(3), piece(vec![3; 10]))]);
+        });
+        assert_eq!(ra.take(&id(3)).as_deref(), Some(&[3u8; 10][..]));
+        // Alone in flight, a window larger than the budget still goes.
+        assert_eq!(claim(&ra, &[id(4), id(5), id(6)]).chunks, 3);
+    }
+
+    #[test]
+    fn pieces_share_their_buffer() {
+        let buf = Arc::new((0..30u8).collect::<Vec<u8>>());
+        let ra = ReadAhead::new(40);
+        let ids = [id(1), id(2), id(3)];
+        let c = ra.claim(&ids, |_| 30);
+        assert_eq!(c.chunks, 3);
+        ra.fill(
+            c,
+            &ids,
+            vec![
+                (id(2), Piece::of(&buf, 10..20)),
+                (id(3), Piece::of(&buf, 20..30)),
+            ],
+        );
+        // The buffer counts whole while a piece of it waits.
+        assert_eq!(ra.lock().bytes, 30);
+        let two = ra.take(&id(2)).unwrap();
+        assert_eq!(ra.lock().bytes, 30);
+        assert_eq!(&*two, &buf[10..20]);
+        assert_eq!(Arc::strong_count(&buf), 3);
+        assert_eq!(two.into_vec(), (10..20u8).collect::<Vec<u8>>());
+        assert_eq!(
+            ra.take(&id(3)).unwrap().into_vec(),
+            (20..30u8).collect::<Vec<u8>>()
+        );
+        assert_eq!((ra.lock().bytes, Arc::strong_count(&buf)), (0, 1));
+        // All of an unshared buffer is moved out, not copied.
+        let whole = Piece::whole(vec![7; 8]);
+        let at = whole.as_ptr();
+        let moved = whole.into_vec();
+        assert_eq!(moved.as_ptr(), at);
     }
 }
