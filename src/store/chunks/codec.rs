@@ -139,6 +139,13 @@ pub fn is_zero(buf: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
+fn bad_chunk(id: &ChunkId, message: &str) -> Error {
+    Error::BadChunk {
+        hash: id.to_hex(),
+        message: message.to_string(),
+    }
+}
+
 /// Decode a chunk file into `into` and check it against `id` (keyed by
 /// `keys` in an encrypted repository, which only accepts sealed chunks).
 /// `file` is opened in place.
@@ -148,10 +155,7 @@ pub fn decode(
     into: &mut Vec<u8>,
     keys: Option<&Keys>,
 ) -> Result<()> {
-    let bad = |message: &str| Error::BadChunk {
-        hash: id.to_hex(),
-        message: message.to_string(),
-    };
+    let bad = |message: &str| bad_chunk(id, message);
     let (encoding, range) = parse(file).map_err(bad)?;
     let payload = match (encoding & ENC_SEALED != 0, keys) {
         (true, Some(keys)) => {
@@ -169,10 +173,7 @@ pub fn decode(
 /// [`decode`] for an unencrypted repository, whose chunk files need not be
 /// opened in place: from shared bytes.
 pub fn decode_unsealed(id: &ChunkId, file: &[u8], into: &mut Vec<u8>) -> Result<()> {
-    let bad = |message: &str| Error::BadChunk {
-        hash: id.to_hex(),
-        message: message.to_string(),
-    };
+    let bad = |message: &str| bad_chunk(id, message);
     let (encoding, range) = parse(file).map_err(bad)?;
     if encoding & ENC_SEALED != 0 {
         return Err(bad("sealed (encrypted) chunk in an unencrypted repository"));
@@ -189,10 +190,7 @@ fn decode_payload(
     into: &mut Vec<u8>,
     keys: Option<&Keys>,
 ) -> Result<()> {
-    let bad = |message: &str| Error::BadChunk {
-        hash: id.to_hex(),
-        message: message.to_string(),
-    };
+    let bad = |message: &str| bad_chunk(id, message);
     match encoding & !ENC_SEALED {
         ENC_RAW => {
             into.clear();

@@ -53,6 +53,9 @@ const SEALED: usize = UPLOADS + UPLOADS_QUEUED;
 /// One read-ahead request covers at most this many bytes of a pack: all
 /// of it, when read from its first chunk.
 const WINDOW: u64 = PACK_SIZE as u64 + super::MAX_CHUNK_SIZE as u64;
+/// Packs a reader of chunks in [`ChunkStore::sort_for_reading`]'s order
+/// has windows of on their way at once.
+const PACKS_AT_ONCE: usize = 4;
 /// Chunks looked at for one window (chunks of a pack are mostly 64 KiB to
 /// 4 MiB).
 const WINDOW_ENTRIES: usize = 256;
@@ -697,7 +700,9 @@ impl ChunkStore for ObjectChunks {
     }
 
     /// By pack and place in it, so that a sequential reader's windows
-    /// hold what it reads next.
+    /// hold what it reads next, and [`PACKS_AT_ONCE`] packs interleaved,
+    /// so that readers on several threads fetch that many windows at once
+    /// instead of all waiting for one.
     fn sort_for_reading(&self, ids: &mut [ChunkId]) -> Result<()> {
         self.ensure_synced()?;
         let mut keyed = Vec::with_capacity(ids.len());
@@ -710,8 +715,22 @@ impl ChunkStore for ObjectChunks {
             keyed.push((at, *id));
         }
         keyed.sort_unstable();
-        for (slot, (_, id)) in ids.iter_mut().zip(keyed) {
-            *slot = id;
+        let mut packs: Vec<&[((String, u64), ChunkId)]> =
+            keyed.chunk_by(|a, b| a.0 .0 == b.0 .0).collect();
+        let mut slots = ids.iter_mut();
+        for batch in packs.chunks_mut(PACKS_AT_ONCE) {
+            for round in 0.. {
+                let mut any = false;
+                for pack in batch.iter() {
+                    if let Some((_, id)) = pack.get(round) {
+                        *slots.next().expect("as many slots as chunks") = *id;
+                        any = true;
+                    }
+                }
+                if !any {
+                    break;
+                }
+            }
         }
         Ok(())
     }
@@ -770,6 +789,39 @@ mod tests {
                 });
             }
         });
+    }
+
+    #[test]
+    fn the_reading_order_takes_packs_a_few_at_once_each_in_its_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(&dir.path().join("bucket")));
+        let writer = store(&backend, &dir.path().join("home-w"));
+        let ids: Vec<ChunkId> = (0..300)
+            .map(|i| writer.put(&chunk(i)).unwrap().id)
+            .collect();
+        writer.flush().unwrap();
+        let reader = store(&backend, &dir.path().join("home-r"));
+        let mut order: Vec<ChunkId> = ids.iter().rev().copied().collect();
+        reader.sort_for_reading(&mut order).unwrap();
+        let (mut got, mut want) = (order.clone(), ids.clone());
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        let at = |id: &ChunkId| reader.index.locate(id).unwrap().unwrap();
+        let packs: HashSet<String> = order.iter().map(|id| at(id).pack).collect();
+        assert!(packs.len() >= 2, "{} packs", packs.len());
+        let first = packs.len().min(PACKS_AT_ONCE);
+        let first: HashSet<String> = order[..first].iter().map(|id| at(id).pack).collect();
+        assert_eq!(first.len(), packs.len().min(PACKS_AT_ONCE));
+        for pack in &packs {
+            let offsets: Vec<u64> = order
+                .iter()
+                .map(at)
+                .filter(|l| &l.pack == pack)
+                .map(|l| l.range.offset)
+                .collect();
+            assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{pack}");
+        }
     }
 
     #[test]
