@@ -760,15 +760,22 @@ mod tests {
         out
     }
 
-    #[test]
-    fn sequential_readers_share_windows_and_get_every_chunk_right() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(&dir.path().join("bucket")));
-        let writer = store(&backend, &dir.path().join("home-w"));
+    /// A bucket in `dir` with chunks 0..300 stored in a few packs by a
+    /// writer homed in `dir/home-w`.
+    fn bucket_of_300(dir: &Path) -> (Arc<dyn Backend>, ObjectChunks, Vec<ChunkId>) {
+        let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(&dir.join("bucket")));
+        let writer = store(&backend, &dir.join("home-w"));
         let ids: Vec<ChunkId> = (0..300)
             .map(|i| writer.put(&chunk(i)).unwrap().id)
             .collect();
         writer.flush().unwrap();
+        (backend, writer, ids)
+    }
+
+    #[test]
+    fn sequential_readers_share_windows_and_get_every_chunk_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, writer, ids) = bucket_of_300(dir.path());
         assert!(backend.list(pack::PACKS).unwrap().len() >= 2);
         // A chunk put again is not stored again.
         assert_eq!(writer.put(&chunk(7)).unwrap().stored, 0);
@@ -794,12 +801,7 @@ mod tests {
     #[test]
     fn the_reading_order_takes_packs_a_few_at_once_each_in_its_order() {
         let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(&dir.path().join("bucket")));
-        let writer = store(&backend, &dir.path().join("home-w"));
-        let ids: Vec<ChunkId> = (0..300)
-            .map(|i| writer.put(&chunk(i)).unwrap().id)
-            .collect();
-        writer.flush().unwrap();
+        let (backend, _, ids) = bucket_of_300(dir.path());
         let reader = store(&backend, &dir.path().join("home-r"));
         let mut order: Vec<ChunkId> = ids.iter().rev().copied().collect();
         reader.sort_for_reading(&mut order).unwrap();
