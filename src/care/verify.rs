@@ -128,7 +128,8 @@ pub fn verify(
     if !opts.quick && matches!(opts.subset, Subset::All) {
         // Every chunk is read: in the order they are stored, several per
         // request on object storage.
-        repo.chunks().sort_for_reading(&mut wanted)?;
+        let order = repo.chunks().reading_order(&wanted)?;
+        wanted = order.into_iter().map(|i| wanted[i]).collect();
         repo.chunks().will_read(&wanted);
     }
     let bad = check_chunks(repo, &wanted, opts.quick);

@@ -5,7 +5,6 @@
 //! `fallocate(ZERO_RANGE)` where the device supports it), since its old
 //! contents would otherwise show through.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
@@ -261,7 +260,9 @@ fn write_data(
     // that each chunk is read and decoded once. In an image flattened from
     // incrementals, a base chunk's segments are interleaved with newer ones.
     let runs = SegmentsByChunk::new(map);
-    let order = reading_order(repo, map)?;
+    // Pack by pack from object storage, where a chunk fetched brings the
+    // rest of its pack that the image uses.
+    let order = repo.chunks().reading_order(map.chunk_table())?;
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
@@ -273,7 +274,7 @@ fn write_data(
                 let mut run = Vec::new();
                 while !failed.load(Ordering::Relaxed) {
                     let at = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(indices) = order.get(at).and_then(|&c| runs.get(c as usize)) else {
+                    let Some(indices) = order.get(at).and_then(|&c| runs.get(c)) else {
                         break;
                     };
                     run.clear();
@@ -312,26 +313,6 @@ fn chunk_of(s: &Segment) -> Option<ChunkId> {
         Piece::Data { chunk, .. } => Some(chunk),
         Piece::Zero => None,
     }
-}
-
-/// The map's chunks (indices into its chunk table) in the order its store
-/// reads them fastest: as they come on a directory, pack by pack from
-/// object storage, where each chunk fetched brings the rest of its pack
-/// that the image uses.
-fn reading_order(repo: &Repository, map: &CompactMap) -> Result<Vec<u32>> {
-    let table = map.chunk_table();
-    // A map has fewer than 2^32 chunks.
-    if !repo.is_remote() {
-        return Ok((0..table.len() as u32).collect());
-    }
-    let mut ids = table.to_vec();
-    repo.chunks().sort_for_reading(&mut ids)?;
-    let index: HashMap<ChunkId, u32> = table
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (*id, i as u32))
-        .collect();
-    Ok(ids.iter().map(|id| index[id]).collect())
 }
 
 /// The indices of the data segments grouped by chunk, groups in order of

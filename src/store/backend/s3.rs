@@ -115,7 +115,12 @@ impl S3Backend {
 
     /// Run one request on the runtime; at debug level, a line per request
     /// with its duration (the fixed cost of a command is requests in series).
-    fn run<F: std::future::Future>(&self, op: &str, key: &str, request: F) -> F::Output {
+    fn run<F: std::future::Future>(
+        &self,
+        op: &str,
+        key: &dyn std::fmt::Display,
+        request: F,
+    ) -> F::Output {
         if !log::log_enabled!(log::Level::Debug) {
             return self.runtime.block_on(request);
         }
@@ -182,7 +187,7 @@ impl S3Backend {
         };
         let path = self.path(key);
         let put = self.store.put_opts(&path, PutPayload::from(body), opts);
-        match self.run(op, key, put) {
+        match self.run(op, &key, put) {
             Ok(r) => Ok(Some(r.e_tag)),
             // The precondition failed: the object exists (create), or it
             // changed or is gone (update). A missing bucket is an error.
@@ -200,7 +205,7 @@ impl S3Backend {
     /// A plain write; the new version if the store gave one.
     fn put_plain(&self, key: &str, body: Vec<u8>) -> Result<Option<String>> {
         let payload = PutPayload::from(body);
-        self.run("PUT", key, self.store.put(&self.path(key), payload))
+        self.run("PUT", &key, self.store.put(&self.path(key), payload))
             .map(|r| r.e_tag)
             .map_err(|e| self.err("write", key, e))
     }
@@ -331,7 +336,7 @@ impl Backend for S3Backend {
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let path = self.path(key);
-        let got = self.run("GET", key, async {
+        let got = self.run("GET", &key, async {
             let r = self.store.get(&path).await?;
             r.bytes().await
         });
@@ -344,9 +349,10 @@ impl Backend for S3Backend {
 
     fn get_range(&self, key: &str, range: ByteRange) -> Result<Option<Vec<u8>>> {
         let path = self.path(key);
+        // Named for the log only when it is written: this is the hot path.
         let got = self.run(
             "GET",
-            &format!("{key} {range}"),
+            &format_args!("{key} {range}"),
             self.store.get_range(&path, range.offset..range.end()),
         );
         match got {
@@ -394,7 +400,7 @@ impl Backend for S3Backend {
     }
 
     fn delete(&self, key: &str) -> Result<()> {
-        match self.run("DELETE", key, self.store.delete(&self.path(key))) {
+        match self.run("DELETE", &key, self.store.delete(&self.path(key))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("delete", key, e)),
         }
@@ -409,8 +415,11 @@ impl Backend for S3Backend {
         } else {
             Some(self.path(dir))
         };
-        let listed: std::result::Result<Vec<_>, _> =
-            self.run("LIST", prefix, self.store.list(base.as_ref()).try_collect());
+        let listed: std::result::Result<Vec<_>, _> = self.run(
+            "LIST",
+            &prefix,
+            self.store.list(base.as_ref()).try_collect(),
+        );
         let listed = listed.map_err(|e| self.err("list", prefix, e))?;
         let mut out: Vec<ObjectInfo> = listed
             .into_iter()
@@ -427,7 +436,7 @@ impl Backend for S3Backend {
     }
 
     fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        match self.run("HEAD", key, self.store.head(&self.path(key))) {
+        match self.run("HEAD", &key, self.store.head(&self.path(key))) {
             Ok(m) => Ok(Some(ObjectInfo {
                 key: key.to_string(),
                 size: m.size,

@@ -148,26 +148,24 @@ fn bad_chunk(id: &ChunkId, message: &str) -> Error {
 
 /// Decode a chunk file into `into` and check it against `id` (keyed by
 /// `keys` in an encrypted repository, which only accepts sealed chunks).
-/// `file` is opened in place.
+/// A sealed `file` is opened in place.
 pub fn decode(
     id: &ChunkId,
     file: &mut [u8],
     into: &mut Vec<u8>,
     keys: Option<&Keys>,
 ) -> Result<()> {
+    let Some(keys) = keys else {
+        return decode_unsealed(id, file, into);
+    };
     let bad = |message: &str| bad_chunk(id, message);
     let (encoding, range) = parse(file).map_err(bad)?;
-    let payload = match (encoding & ENC_SEALED != 0, keys) {
-        (true, Some(keys)) => {
-            let body = &mut file[range];
-            let open = keys.open_chunk(id, body).map_err(|e| bad(&e.to_string()))?;
-            &body[open]
-        }
-        (false, None) => &file[range],
-        (true, None) => return Err(bad("sealed (encrypted) chunk in an unencrypted repository")),
-        (false, Some(_)) => return Err(bad("not sealed, in an encrypted repository")),
-    };
-    decode_payload(id, encoding, payload, into, keys)
+    if encoding & ENC_SEALED == 0 {
+        return Err(bad("not sealed, in an encrypted repository"));
+    }
+    let body = &mut file[range];
+    let open = keys.open_chunk(id, body).map_err(|e| bad(&e.to_string()))?;
+    decode_payload(id, encoding, &body[open], into, Some(keys))
 }
 
 /// [`decode`] for an unencrypted repository, whose chunk files need not be

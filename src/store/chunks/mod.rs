@@ -67,9 +67,10 @@ pub trait ChunkStore: Send + Sync {
     /// order they were stored: object storage fetches those of them that
     /// follow one another in a pack in one request.
     fn will_read(&self, _chunks: &[ChunkId]) {}
-    /// Put `ids` in the order that reads them fastest.
-    fn sort_for_reading(&self, _ids: &mut [ChunkId]) -> Result<()> {
-        Ok(())
+    /// The indices of `ids` in the order that reads them fastest (as
+    /// given, unless the store knows better).
+    fn reading_order(&self, ids: &[ChunkId]) -> Result<Vec<usize>> {
+        Ok((0..ids.len()).collect())
     }
     /// The directory store, for the file-level work of gc.
     fn as_local(&self) -> Option<&LocalChunks> {

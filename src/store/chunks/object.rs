@@ -53,7 +53,7 @@ const SEALED: usize = UPLOADS + UPLOADS_QUEUED;
 /// One read-ahead request covers at most this many bytes of a pack: all
 /// of it, when read from its first chunk.
 const WINDOW: u64 = PACK_SIZE as u64 + super::MAX_CHUNK_SIZE as u64;
-/// Packs a reader of chunks in [`ChunkStore::sort_for_reading`]'s order
+/// Packs a reader of chunks in [`ChunkStore::reading_order`]
 /// has windows of on their way at once.
 const PACKS_AT_ONCE: usize = 4;
 /// Chunks looked at for one window (chunks of a pack are mostly 64 KiB to
@@ -703,36 +703,27 @@ impl ChunkStore for ObjectChunks {
     /// hold what it reads next, and [`PACKS_AT_ONCE`] packs interleaved,
     /// so that readers on several threads fetch that many windows at once
     /// instead of all waiting for one.
-    fn sort_for_reading(&self, ids: &mut [ChunkId]) -> Result<()> {
+    fn reading_order(&self, ids: &[ChunkId]) -> Result<Vec<usize>> {
         self.ensure_synced()?;
         let mut keyed = Vec::with_capacity(ids.len());
-        for id in ids.iter() {
+        for (i, id) in ids.iter().enumerate() {
             let at = self
                 .index
                 .locate(id)?
                 .map(|l| (l.pack, l.range.offset))
                 .unwrap_or_default();
-            keyed.push((at, *id));
+            keyed.push((at, i));
         }
         keyed.sort_unstable();
-        let mut packs: Vec<&[((String, u64), ChunkId)]> =
+        let packs: Vec<&[((String, u64), usize)]> =
             keyed.chunk_by(|a, b| a.0 .0 == b.0 .0).collect();
-        let mut slots = ids.iter_mut();
-        for batch in packs.chunks_mut(PACKS_AT_ONCE) {
-            for round in 0.. {
-                let mut any = false;
-                for pack in batch.iter() {
-                    if let Some((_, id)) = pack.get(round) {
-                        *slots.next().expect("as many slots as chunks") = *id;
-                        any = true;
-                    }
-                }
-                if !any {
-                    break;
-                }
+        let mut order = Vec::with_capacity(ids.len());
+        for batch in packs.chunks(PACKS_AT_ONCE) {
+            for round in 0..batch.iter().map(|p| p.len()).max().unwrap_or(0) {
+                order.extend(batch.iter().filter_map(|p| p.get(round)).map(|(_, i)| *i));
             }
         }
-        Ok(())
+        Ok(order)
     }
 
     fn as_object(&self) -> Option<&ObjectChunks> {
@@ -803,8 +794,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (backend, _, ids) = bucket_of_300(dir.path());
         let reader = store(&backend, &dir.path().join("home-r"));
-        let mut order: Vec<ChunkId> = ids.iter().rev().copied().collect();
-        reader.sort_for_reading(&mut order).unwrap();
+        let reversed: Vec<ChunkId> = ids.iter().rev().copied().collect();
+        let order: Vec<ChunkId> = reader
+            .reading_order(&reversed)
+            .unwrap()
+            .into_iter()
+            .map(|i| reversed[i])
+            .collect();
         let (mut got, mut want) = (order.clone(), ids.clone());
         got.sort();
         want.sort();

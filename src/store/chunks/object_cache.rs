@@ -117,11 +117,6 @@ impl ObjectCache {
         self.files.remove(hex)
     }
 
-    /// Keep a copy of a chunk file now. Failures only cost a later download.
-    pub fn insert(&self, hex: &str, body: &[u8]) {
-        self.files.insert(hex, body)
-    }
-
     /// Whether [`insert_later`](Self::insert_later) would take a chunk
     /// file of `len` bytes now.
     pub fn has_room_for(&self, len: usize) -> bool {
@@ -190,6 +185,7 @@ impl Files {
         }
     }
 
+    /// Keep a copy of a chunk file. Failures only cost a later download.
     fn insert(&self, hex: &str, body: &[u8]) {
         let len = body.len() as u64;
         if self.limit == 0 || len > self.limit / 4 {
@@ -295,7 +291,7 @@ mod tests {
         let cache = ObjectCache::new(dir.path(), 64 << 10).unwrap();
         for i in 0..40u32 {
             let hex = format!("{:064x}", i);
-            cache.insert(&hex, &vec![i as u8; 4096]);
+            cache.files.insert(&hex, &vec![i as u8; 4096]);
             assert!(cache.used() <= 64 << 10, "{}", cache.used());
         }
         let hex = format!("{:064x}", 39);
