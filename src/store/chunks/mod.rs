@@ -11,6 +11,7 @@ use std::collections::HashSet;
 
 use crate::error::Result;
 use crate::model::chunk_id::ChunkId;
+mod cache_segment;
 pub mod codec;
 pub mod local;
 pub mod object;

@@ -32,7 +32,7 @@ use super::quarantine::{on_damage, Taken};
 use super::read_ahead::{Piece, ReadAhead};
 use super::uploader::{Stored, Uploader};
 use super::{ChunkStore, PutOutcome};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::model::chunk_id::ChunkId;
 use crate::model::extent::ByteRange;
 use crate::store::backend::Backend;
@@ -59,6 +59,8 @@ const PACKS_AT_ONCE: usize = 4;
 /// Chunks looked at for one window (chunks of a pack are mostly 64 KiB to
 /// 4 MiB).
 const WINDOW_ENTRIES: usize = 256;
+/// How far before the chunk asked for a window may start (see `window`).
+const LOOKBACK: u64 = 4 << 20;
 /// Windows fetched ahead and not yet read, at most (bytes). A reader of an
 /// image flattened from a chain has a window of each snapshot's packs
 /// open at once (full + 8 incrementals: 9).
@@ -141,11 +143,12 @@ impl ObjectChunks {
         level: i32,
         keys: Option<Arc<Keys>>,
     ) -> Result<Self> {
+        std::fs::create_dir_all(home).ctx(|| format!("create {}", home.display()))?;
         Ok(ObjectChunks {
             backend,
             level,
             keys,
-            cache: ObjectCache::new(&home.join("cache"), object_cache::configured_size()?)?,
+            cache: ObjectCache::new(&home.join("cache"), object_cache::configured_size()?),
             keep_reads: AtomicBool::new(false),
             sequential: AtomicBool::new(false),
             wanted: std::sync::RwLock::new(None),
@@ -253,7 +256,7 @@ impl ObjectChunks {
         self.index.remove(&info.name)?;
         for (e, _) in &info.entries {
             if self.index.locate(&e.id)?.is_none() {
-                self.cache.remove(&e.id.to_hex());
+                self.cache.remove(&e.id);
             }
         }
         Ok(())
@@ -451,8 +454,20 @@ impl ObjectChunks {
     /// mount reads the bucket: verify must check what is there, and a
     /// restore reads each chunk once anyway.
     fn fetch(&self, id: &ChunkId) -> Result<Option<(Piece, bool)>> {
+        let found = self.fetch_anywhere(id)?;
+        if found.is_some() && self.sequential() {
+            self.ahead.served(id);
+        }
+        Ok(found)
+    }
+
+    fn sequential(&self) -> bool {
+        self.sequential.load(Ordering::Relaxed) || self.keep_reads.load(Ordering::Relaxed)
+    }
+
+    fn fetch_anywhere(&self, id: &ChunkId) -> Result<Option<(Piece, bool)>> {
         if self.keep_reads.load(Ordering::Relaxed) {
-            if let Some(body) = self.cache.get(&id.to_hex()) {
+            if let Some(body) = self.cache.get(id) {
                 return Ok(Some((Piece::whole(body), true)));
             }
         }
@@ -483,71 +498,102 @@ impl ObjectChunks {
     fn fetch_at(&self, id: &ChunkId, loc: &Location) -> Result<Option<Piece>> {
         let key = pack::key(&loc.pack);
         let alone = || Ok(self.backend.get_range(&key, loc.range)?.map(Piece::whole));
-        let sequential =
-            self.sequential.load(Ordering::Relaxed) || self.keep_reads.load(Ordering::Relaxed);
-        if !sequential {
+        if !self.sequential() {
             return alone();
         }
-        let window = self.window(&loc.pack, loc.range)?;
-        if window.first().is_none_or(|e| e.id != *id) {
+        let (window, me) = self.window(&loc.pack, loc.range)?;
+        if window.get(me).is_none_or(|e| e.id != *id) {
             // The index changed under us: the chunk alone.
             return alone();
         }
         let ids: Vec<ChunkId> = window.iter().map(|e| e.id).collect();
-        let span_to = |n: usize| (window[n - 1].range.end() - loc.range.offset) as usize;
+        let start = window[0].range.offset;
+        let span_to = |n: usize| (window[n - 1].range.end() - start) as usize;
         let claim = self.ahead.claim(&ids, span_to);
         let claimed = claim.chunks;
-        if claimed == 0 {
+        if claimed <= me {
             // Another thread is fetching it (or just did).
+            self.ahead.fill(claim, &ids, Vec::new());
             if let Some(piece) = self.ahead.take(id) {
                 return Ok(Some(piece));
             }
             return alone();
         }
         let window = &window[..claimed];
-        let span = ByteRange::from_bounds(loc.range.offset, window[claimed - 1].range.end());
+        let span = ByteRange::from_bounds(start, window[claimed - 1].range.end());
         let bytes = match self.backend.get_range(&key, span) {
             Ok(Some(b)) => Arc::new(b),
             other => {
                 self.ahead.fill(claim, &ids, Vec::new());
-                return other.map(|b| b.map(Piece::whole));
+                return match other {
+                    Ok(_) => Ok(None),
+                    Err(e) => Err(e),
+                };
             }
         };
         let piece = |e: &PackEntry| {
             let start = (e.range.offset - span.offset) as usize;
             Piece::of(&bytes, start..start + e.range.length as usize)
         };
-        let mine = piece(&window[0]);
-        let rest = window[1..].iter().map(|e| (e.id, piece(e))).collect();
+        let mine = piece(&window[me]);
+        let rest = (window.iter().enumerate())
+            .filter(|(i, _)| *i != me)
+            .map(|(_, e)| (e.id, piece(e)))
+            .collect();
         self.ahead.fill(claim, &ids, rest);
         Ok(Some(mine))
     }
 
-    /// The chunk at `first` and those after it in the pack that the reader
-    /// wants, within [`WINDOW`] bytes: one request brings them all. Chunks
-    /// between them that it does not want come along and are dropped: on
-    /// a store where each request costs as much as megabytes of its bytes
-    /// (SeaweedFS: ~7 ms of CPU per ranged GET, ~1.4 ms per MiB), a gap is
-    /// cheaper fetched than skipped.
-    fn window(&self, pack: &str, first: ByteRange) -> Result<Vec<PackEntry>> {
+    /// The chunks of `pack` to fetch with the one at `first`, and which of
+    /// them that one is: the chunks after it, up to [`WINDOW`] bytes, and
+    /// when the reader said what it will read, those before it (up to
+    /// [`LOOKBACK`]) that it wants and has not had yet. Readers on several
+    /// threads ask for the chunks of a pack in about their order, but
+    /// whoever comes first may have asked for a later one. A window spans
+    /// the chunks it steps over (not wanted, or had already): it is one
+    /// request.
+    fn window(&self, pack: &str, first: ByteRange) -> Result<(Vec<PackEntry>, usize)> {
         let wanted = self.wanted.read().unwrap_or_else(|e| e.into_inner());
+        let wants = |id: &ChunkId| wanted.as_ref().is_none_or(|w| w.contains(id));
+        let back = if wanted.is_some() { LOOKBACK } else { 0 };
+        let entries =
+            (self.index).entries_from(pack, first.offset.saturating_sub(back), WINDOW_ENTRIES)?;
+        let Some(me) = entries.iter().position(|(e, _)| e.range == first) else {
+            return Ok((Vec::new(), 0));
+        };
+        // Reach back over the contiguous good chunks before it, to the
+        // first one wanted and not had.
+        let before: Vec<ChunkId> = entries[..me].iter().map(|(e, _)| e.id).collect();
+        let settled = self.ahead.settled(&before);
+        let mut from = me;
+        for i in (0..me).rev() {
+            let (e, bad) = &entries[i];
+            if *bad || e.range.end() != entries[i + 1].0.range.offset {
+                break;
+            }
+            if wants(&e.id) && !settled[i] {
+                from = i;
+            }
+        }
+        let start = entries[from].0.range.offset;
         let mut out: Vec<PackEntry> = Vec::new();
-        let mut end = first.offset;
-        for (e, bad) in self
-            .index
-            .entries_from(pack, first.offset, WINDOW_ENTRIES)?
-        {
-            let fits = e.range.end() - first.offset <= WINDOW || out.is_empty();
+        let mut at = 0;
+        let mut end = start;
+        for (i, (e, bad)) in entries.iter().enumerate().skip(from) {
+            let fits = e.range.end() - start <= WINDOW || i <= me;
             // A damaged copy is never served, so the span ends before it.
-            if bad || e.range.offset != end || !fits {
+            if *bad || e.range.offset != end || !fits {
                 break;
             }
             end = e.range.end();
-            if out.is_empty() || wanted.as_ref().is_none_or(|w| w.contains(&e.id)) {
-                out.push(e);
+            if i == me {
+                at = out.len();
+                out.push(*e);
+            } else if wants(&e.id) && (i > me || !settled[i]) {
+                out.push(*e);
             }
         }
-        Ok(out)
+        Ok((out, at))
     }
 
     fn read(&self, id: &ChunkId, into: &mut Vec<u8>, file: Option<&mut Vec<u8>>) -> Result<()> {
@@ -568,13 +614,13 @@ impl ObjectChunks {
             Ok(()) => {}
             // A bad cached copy is the cache's problem: read the bucket's.
             Err(_) if cached => {
-                self.cache.remove(&hex);
+                self.cache.remove(id);
                 return self.read(id, into, file);
             }
             Err(e) => return Err(e),
         }
         if keep && self.cache.has_room_for(piece.len()) {
-            self.cache.insert_later(hex, piece.to_vec());
+            self.cache.insert_later(*id, piece.to_vec());
         }
         if let Some(file) = file {
             *file = piece.into_vec();
@@ -657,7 +703,7 @@ impl ChunkStore for ObjectChunks {
     }
 
     fn quarantine(&self, id: &ChunkId) -> Result<Option<Taken>> {
-        self.cache.remove(&id.to_hex());
+        self.cache.remove(id);
         let Some(loc) = self.locate(id)? else {
             self.record_damage(id, None)?;
             return Ok(Some(Taken::Missing));
@@ -787,6 +833,32 @@ mod tests {
                 });
             }
         });
+    }
+
+    #[test]
+    fn a_window_reaches_back_for_chunks_the_reader_has_not_had() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, _, ids) = bucket_of_300(dir.path());
+        let reader = store(&backend, &dir.path().join("home-r"));
+        reader.ensure_synced().unwrap();
+        let pack_of = |i: usize| reader.index.locate(&ids[i]).unwrap().unwrap().pack;
+        assert!((0..10).all(|i| pack_of(i) == pack_of(0)));
+        // Had already: chunk 3 (read alone); not wanted: chunk 2.
+        reader.will_read(&ids[3..4]);
+        assert_eq!(reader.get(&ids[3]).unwrap(), chunk(3));
+        assert!(reader.ahead.take(&ids[4]).is_none());
+        let wanted: Vec<ChunkId> = (ids.iter().enumerate())
+            .filter(|(i, _)| *i != 2)
+            .map(|(_, id)| *id)
+            .collect();
+        reader.will_read(&wanted);
+        // A later chunk asked for first: its window starts at chunk 0.
+        assert_eq!(reader.get(&ids[6]).unwrap(), chunk(6));
+        for i in [0, 1, 4, 5, 7] {
+            assert!(reader.ahead.take(&ids[i]).is_some(), "chunk {i}");
+        }
+        assert!(reader.ahead.take(&ids[2]).is_none(), "not wanted");
+        assert!(reader.ahead.take(&ids[3]).is_none(), "had already");
     }
 
     #[test]

@@ -86,14 +86,36 @@ struct State {
     ready: HashMap<ChunkId, Piece>,
     /// Ready chunks, oldest first (some may have been taken since).
     order: VecDeque<ChunkId>,
-    /// Buffers with pieces ready: how many, by buffer.
-    held: HashMap<usize, usize>,
+    /// Buffers with pieces ready, by buffer.
+    held: HashMap<usize, Held>,
     /// Bytes of those buffers.
     bytes: usize,
     /// Chunks of windows being fetched.
     loading: HashSet<ChunkId>,
     /// Windows being fetched (their bytes count in `bytes`).
     fetching: usize,
+    /// Claims waiting for room, by ticket: they go in the order they came,
+    /// so that a reader's windows start where it asked first (woken in
+    /// any order, a later chunk's window would be fetched first, and the
+    /// chunks before it in the pack by windows of their own).
+    waiting: VecDeque<u64>,
+    tickets: u64,
+    /// Chunks handed to readers lately, oldest first, and as a set.
+    served: VecDeque<ChunkId>,
+    served_set: HashSet<ChunkId>,
+}
+
+/// Chunks remembered as served: a window reaches back only for chunks not
+/// among them (16 GiB of 1 MiB chunks).
+const SERVED_REMEMBERED: usize = 16 << 10;
+
+/// A buffer's pieces that wait here.
+#[derive(Default)]
+struct Held {
+    pieces: usize,
+    /// Their bytes, of the buffer's `len`.
+    bytes: usize,
+    len: usize,
 }
 
 /// The chunks a window brings (the first `chunks` of those asked for) and
@@ -106,15 +128,58 @@ pub struct Claim {
 
 impl State {
     fn insert(&mut self, id: ChunkId, piece: Piece) {
-        let n = self.held.entry(piece.buffer()).or_insert(0);
-        if *n == 0 {
-            self.bytes += piece.buf.len();
-        }
-        *n += 1;
+        self.hold(&piece);
         if let Some(old) = self.ready.insert(id, piece) {
             self.release(&old);
         }
         self.order.push_back(id);
+    }
+
+    fn hold(&mut self, piece: &Piece) {
+        let held = self.held.entry(piece.buffer()).or_default();
+        if held.pieces == 0 {
+            held.len = piece.buf.len();
+            self.bytes += held.len;
+        }
+        held.pieces += 1;
+        held.bytes += piece.len();
+    }
+
+    /// Copy the pieces that wait of buffers mostly read out of them, so
+    /// that those buffers go; whether any did. A window's chunks are not
+    /// all read soon: the chunks of an incremental's pack lie all over
+    /// the image, and its buffer would hold the budget until the reader
+    /// is past the last of them.
+    fn compact(&mut self) -> bool {
+        let sparse: HashSet<usize> = (self.held.iter())
+            .filter(|(_, h)| h.bytes * 2 <= h.len)
+            .map(|(buf, _)| *buf)
+            .collect();
+        if sparse.is_empty() {
+            return false;
+        }
+        let ids: Vec<ChunkId> = (self.ready.iter())
+            .filter(|(_, p)| sparse.contains(&p.buffer()))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(old) = self.ready.remove(&id) {
+                let own = Piece::whole(old.to_vec());
+                self.release(&old);
+                self.hold(&own);
+                self.ready.insert(id, own);
+            }
+        }
+        true
+    }
+
+    /// Bring the bytes held down to `budget` less `room`: sparse buffers
+    /// copied out first, then the oldest chunks dropped.
+    fn make_room(&mut self, budget: usize, room: usize) {
+        if self.bytes + room > budget {
+            self.compact();
+        }
+        while self.bytes + room > budget && self.drop_oldest() {}
     }
 
     /// Drop the oldest ready chunk; false when none is left.
@@ -134,9 +199,10 @@ impl State {
     }
 
     fn release(&mut self, piece: &Piece) {
-        if let Some(n) = self.held.get_mut(&piece.buffer()) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(held) = self.held.get_mut(&piece.buffer()) {
+            held.pieces -= 1;
+            held.bytes -= piece.len();
+            if held.pieces == 0 {
                 self.held.remove(&piece.buffer());
                 self.bytes -= piece.buf.len();
             }
@@ -172,6 +238,31 @@ impl ReadAhead {
         }
     }
 
+    /// Note that a reader has `id` (however it came): a window does not
+    /// reach back for it.
+    pub fn served(&self, id: &ChunkId) {
+        let mut st = self.lock();
+        if st.served_set.insert(*id) {
+            st.served.push_back(*id);
+            if st.served.len() > SERVED_REMEMBERED {
+                if let Some(old) = st.served.pop_front() {
+                    st.served_set.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// For each of `ids`: whether it was served lately, is ready or is on
+    /// its way.
+    pub fn settled(&self, ids: &[ChunkId]) -> Vec<bool> {
+        let st = self.lock();
+        ids.iter()
+            .map(|id| {
+                st.served_set.contains(id) || st.ready.contains_key(id) || st.loading.contains(id)
+            })
+            .collect()
+    }
+
     /// Claim the chunks a window will bring: the longest prefix of `ids`
     /// that nobody holds or fetches, and room in the budget for the
     /// `span(n)` bytes that bring the first `n` of them (dropping the
@@ -180,27 +271,37 @@ impl ReadAhead {
     /// [`take`](Self::take) it.
     pub fn claim(&self, ids: &[ChunkId], span: impl Fn(usize) -> usize) -> Claim {
         let mut st = self.lock();
-        loop {
+        let ticket = st.tickets;
+        st.tickets += 1;
+        st.waiting.push_back(ticket);
+        let claim = loop {
             let n = ids
                 .iter()
                 .take_while(|id| !st.loading.contains(id) && !st.ready.contains_key(id))
                 .count();
             if n == 0 {
-                return Claim {
+                break Claim {
                     chunks: 0,
                     bytes: 0,
                 };
             }
-            let bytes = span(n);
-            while st.bytes + bytes > self.budget && st.drop_oldest() {}
-            if st.bytes + bytes <= self.budget || st.fetching == 0 {
-                st.loading.extend(&ids[..n]);
-                st.bytes += bytes;
-                st.fetching += 1;
-                return Claim { chunks: n, bytes };
+            if st.waiting.front() == Some(&ticket) {
+                let bytes = span(n);
+                st.make_room(self.budget, bytes);
+                if st.bytes + bytes <= self.budget || st.fetching == 0 {
+                    st.loading.extend(&ids[..n]);
+                    st.bytes += bytes;
+                    st.fetching += 1;
+                    break Claim { chunks: n, bytes };
+                }
             }
             st = self.arrived.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
+        };
+        st.waiting.retain(|t| *t != ticket);
+        drop(st);
+        // The next in line may go now.
+        self.arrived.notify_all();
+        claim
     }
 
     /// Hand over what a window brought and end its claim on the first
@@ -218,7 +319,7 @@ impl ReadAhead {
         for (id, piece) in got {
             st.insert(id, piece);
         }
-        while st.bytes > self.budget && st.drop_oldest() {}
+        st.make_room(self.budget, 0);
         if st.order.len() > 4 * st.ready.len() + 64 {
             // Taken chunks leave their names behind: drop them now and then.
             let State { order, ready, .. } = &mut *st;
@@ -314,6 +415,31 @@ mod tests {
         assert_eq!(ra.take(&id(3)).as_deref(), Some(&[3u8; 10][..]));
         // Alone in flight, a window larger than the budget still goes.
         assert_eq!(claim(&ra, &[id(4), id(5), id(6)]).chunks, 3);
+    }
+
+    #[test]
+    fn buffers_mostly_read_are_copied_out_before_chunks_are_dropped() {
+        let buf = Arc::new(vec![5u8; 100]);
+        let ra = ReadAhead::new(120);
+        let ids: Vec<ChunkId> = (0..10).map(id).collect();
+        let c = ra.claim(&ids, |_| 100);
+        let pieces = (ids.iter().enumerate())
+            .map(|(i, id)| (*id, Piece::of(&buf, i * 10..i * 10 + 10)))
+            .collect();
+        ra.fill(c, &ids, pieces);
+        for id in &ids[..6] {
+            assert!(ra.take(id).is_some());
+        }
+        // 40 of its 100 bytes wait: a new window of 50 makes it go.
+        let more = [id(20)];
+        let c = ra.claim(&more, |_| 50);
+        assert_eq!(c.chunks, 1);
+        assert_eq!(Arc::strong_count(&buf), 1, "the buffer is free");
+        assert_eq!(ra.lock().bytes, 40 + 50);
+        ra.fill(c, &more, vec![(id(20), piece(vec![1; 50]))]);
+        for id in &ids[6..] {
+            assert_eq!(ra.take(id).unwrap().into_vec(), vec![5u8; 10]);
+        }
     }
 
     #[test]
