@@ -110,6 +110,7 @@ pub fn serve(
     let pins = PinDir::create(&repo, &registration)?;
     // A mount reads the same chunks again: keep them in this host's cache.
     repo.chunks().keep_reads(true);
+    repo.chunks().prepare_reads()?;
     if repo.is_remote() {
         fixed_mmap_threshold();
     }

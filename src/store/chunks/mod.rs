@@ -64,6 +64,12 @@ pub trait ChunkStore: Send + Sync {
     /// Keep what is read in this host's cache (object storage only): for
     /// a mount, which reads the same chunks again.
     fn keep_reads(&self, _keep: bool) {}
+    /// Get what finding chunks needs before the first read asks (object
+    /// storage: the pack index brought in step with the bucket), so that
+    /// a server's first read does not wait for it.
+    fn prepare_reads(&self) -> Result<()> {
+        Ok(())
+    }
     /// Reads will go through `chunks` (each at most once), mostly in the
     /// order they were stored: object storage fetches those of them that
     /// follow one another in a pack in one request.

@@ -513,7 +513,7 @@ impl ObjectChunks {
         let claimed = claim.chunks;
         if claimed <= me {
             // Another thread is fetching it (or just did).
-            self.ahead.fill(claim, &ids, Vec::new());
+            drop(claim);
             if let Some(piece) = self.ahead.take(id) {
                 return Ok(Some(piece));
             }
@@ -524,7 +524,7 @@ impl ObjectChunks {
         let bytes = match self.backend.get_range(&key, span) {
             Ok(Some(b)) => Arc::new(b),
             other => {
-                self.ahead.fill(claim, &ids, Vec::new());
+                drop(claim);
                 return match other {
                     Ok(_) => Ok(None),
                     Err(e) => Err(e),
@@ -540,7 +540,7 @@ impl ObjectChunks {
             .filter(|(i, _)| *i != me)
             .map(|(_, e)| (e.id, piece(e)))
             .collect();
-        self.ahead.fill(claim, &ids, rest);
+        claim.fill(rest);
         Ok(Some(mine))
     }
 
@@ -737,6 +737,10 @@ impl ChunkStore for ObjectChunks {
 
     fn keep_reads(&self, keep: bool) {
         self.keep_reads.store(keep, Ordering::Relaxed);
+    }
+
+    fn prepare_reads(&self) -> Result<()> {
+        self.ensure_synced()
     }
 
     fn will_read(&self, chunks: &[ChunkId]) {

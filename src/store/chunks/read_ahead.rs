@@ -119,11 +119,33 @@ struct Held {
 }
 
 /// The chunks a window brings (the first `chunks` of those asked for) and
-/// the bytes kept for it in the budget until it is filled.
-#[derive(Debug)]
-pub struct Claim {
+/// the bytes kept for it in the budget until it is filled. Dropped unfilled
+/// (the fetch failed, or panicked), it brings nothing: readers waiting for
+/// its chunks fetch them themselves instead of waiting forever.
+pub struct Claim<'a> {
+    ahead: &'a ReadAhead,
+    ids: &'a [ChunkId],
     pub chunks: usize,
     bytes: usize,
+    open: bool,
+}
+
+impl Claim<'_> {
+    /// Hand over what the window brought (chunks missing from `got` are
+    /// simply not there: their readers fetch them themselves).
+    pub fn fill(mut self, got: Vec<(ChunkId, Piece)>) {
+        self.open = false;
+        self.ahead.end(self.ids, self.chunks, self.bytes, got);
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.ahead
+                .end(self.ids, self.chunks, self.bytes, Vec::new());
+        }
+    }
 }
 
 impl State {
@@ -269,21 +291,18 @@ impl ReadAhead {
     /// oldest chunks ready, else waiting for windows on their way). 0
     /// chunks means the first is on its way or ready already:
     /// [`take`](Self::take) it.
-    pub fn claim(&self, ids: &[ChunkId], span: impl Fn(usize) -> usize) -> Claim {
+    pub fn claim<'a>(&'a self, ids: &'a [ChunkId], span: impl Fn(usize) -> usize) -> Claim<'a> {
         let mut st = self.lock();
         let ticket = st.tickets;
         st.tickets += 1;
         st.waiting.push_back(ticket);
-        let claim = loop {
+        let (chunks, bytes) = loop {
             let n = ids
                 .iter()
                 .take_while(|id| !st.loading.contains(id) && !st.ready.contains_key(id))
                 .count();
             if n == 0 {
-                break Claim {
-                    chunks: 0,
-                    bytes: 0,
-                };
+                break (0, 0);
             }
             if st.waiting.front() == Some(&ticket) {
                 let bytes = span(n);
@@ -292,7 +311,7 @@ impl ReadAhead {
                     st.loading.extend(&ids[..n]);
                     st.bytes += bytes;
                     st.fetching += 1;
-                    break Claim { chunks: n, bytes };
+                    break (n, bytes);
                 }
             }
             st = self.arrived.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -301,19 +320,23 @@ impl ReadAhead {
         drop(st);
         // The next in line may go now.
         self.arrived.notify_all();
-        claim
+        Claim {
+            ahead: self,
+            ids,
+            chunks,
+            bytes,
+            open: true,
+        }
     }
 
-    /// Hand over what a window brought and end its claim on the first
-    /// `claim.chunks` of `ids` (chunks missing from `got` are simply not
-    /// there: their readers fetch them themselves).
-    pub fn fill(&self, claim: Claim, ids: &[ChunkId], got: Vec<(ChunkId, Piece)>) {
+    /// End a claim on the first `chunks` of `ids`, with what it brought.
+    fn end(&self, ids: &[ChunkId], chunks: usize, bytes: usize, got: Vec<(ChunkId, Piece)>) {
         let mut st = self.lock();
-        for id in &ids[..claim.chunks] {
+        for id in &ids[..chunks] {
             st.loading.remove(id);
         }
-        if claim.chunks > 0 {
-            st.bytes -= claim.bytes;
+        if chunks > 0 {
+            st.bytes -= bytes;
             st.fetching -= 1;
         }
         for (id, piece) in got {
@@ -343,7 +366,7 @@ mod tests {
     }
 
     /// Claim `ids` at 10 bytes a chunk; the chunks claimed.
-    fn claim(ra: &ReadAhead, ids: &[ChunkId]) -> Claim {
+    fn claim<'a>(ra: &'a ReadAhead, ids: &'a [ChunkId]) -> Claim<'a> {
         ra.claim(ids, |n| 10 * n)
     }
 
@@ -355,11 +378,7 @@ mod tests {
         assert_eq!(c.chunks, 3);
         // Being fetched: nobody else claims them.
         assert_eq!(claim(&ra, &[id(2)]).chunks, 0);
-        ra.fill(
-            c,
-            &ids,
-            vec![(id(2), piece(vec![2])), (id(3), piece(vec![3]))],
-        );
+        c.fill(vec![(id(2), piece(vec![2])), (id(3), piece(vec![3]))]);
         assert_eq!(ra.take(&id(2)).as_deref(), Some(&[2u8][..]));
         assert_eq!(ra.take(&id(2)), None);
         assert_eq!(ra.take(&id(1)), None);
@@ -378,18 +397,39 @@ mod tests {
             let waiter = s.spawn(|| ra.take(&id(2)));
             // The waiter either waits or, if it runs after the fill, finds
             // the chunk ready: both end with the chunk.
-            ra.fill(c, &ids, vec![(id(2), piece(vec![7; 10]))]);
+            c.fill(vec![(id(2), piece(vec![7; 10]))]);
             assert_eq!(waiter.join().unwrap().as_deref(), Some(&[7u8; 10][..]));
         });
+    }
+
+    #[test]
+    fn a_fetch_that_panics_leaves_nobody_waiting() {
+        let ra = ReadAhead::new(1 << 20);
+        let ids = [id(1), id(2)];
+        std::thread::scope(|s| {
+            let fetcher = s.spawn(|| {
+                let c = claim(&ra, &ids);
+                assert_eq!(c.chunks, 2);
+                panic!("the request failed in a way nobody handled");
+            });
+            assert!(fetcher.join().is_err());
+        });
+        // Not on its way any more: the reader fetches it itself.
+        assert_eq!(ra.take(&id(2)), None);
+        let st = ra.lock();
+        assert_eq!((st.bytes, st.fetching), (0, 0));
+        drop(st);
+        assert_eq!(claim(&ra, &ids).chunks, 2);
     }
 
     #[test]
     fn the_budget_drops_the_oldest() {
         let ra = ReadAhead::new(25);
         for n in 0..5u8 {
-            let c = claim(&ra, &[id(n)]);
+            let one = [id(n)];
+            let c = claim(&ra, &one);
             assert_eq!(c.chunks, 1);
-            ra.fill(c, &[id(n)], vec![(id(n), piece(vec![n; 10]))]);
+            c.fill(vec![(id(n), piece(vec![n; 10]))]);
         }
         assert_eq!(ra.take(&id(0)), None);
         assert_eq!(ra.take(&id(2)), None);
@@ -401,16 +441,17 @@ mod tests {
     #[test]
     fn windows_on_their_way_count_against_the_budget() {
         let ra = ReadAhead::new(25);
-        let first = claim(&ra, &[id(1), id(2)]);
+        let (two, three) = ([id(1), id(2)], [id(3)]);
+        let first = claim(&ra, &two);
         assert_eq!((first.chunks, ra.lock().bytes), (2, 20));
         std::thread::scope(|s| {
             // 20 + 10 > 25: the second window waits for the first.
-            let second = s.spawn(|| claim(&ra, &[id(3)]));
-            ra.fill(first, &[id(1), id(2)], vec![(id(2), piece(vec![2; 10]))]);
+            let second = s.spawn(|| claim(&ra, &three));
+            first.fill(vec![(id(2), piece(vec![2; 10]))]);
             let second = second.join().unwrap();
             assert_eq!(second.chunks, 1);
             assert!(ra.lock().bytes <= 25, "{}", ra.lock().bytes);
-            ra.fill(second, &[id(3)], vec![(id(3), piece(vec![3; 10]))]);
+            second.fill(vec![(id(3), piece(vec![3; 10]))]);
         });
         assert_eq!(ra.take(&id(3)).as_deref(), Some(&[3u8; 10][..]));
         // Alone in flight, a window larger than the budget still goes.
@@ -426,7 +467,7 @@ mod tests {
         let pieces = (ids.iter().enumerate())
             .map(|(i, id)| (*id, Piece::of(&buf, i * 10..i * 10 + 10)))
             .collect();
-        ra.fill(c, &ids, pieces);
+        c.fill(pieces);
         for id in &ids[..6] {
             assert!(ra.take(id).is_some());
         }
@@ -436,7 +477,7 @@ mod tests {
         assert_eq!(c.chunks, 1);
         assert_eq!(Arc::strong_count(&buf), 1, "the buffer is free");
         assert_eq!(ra.lock().bytes, 40 + 50);
-        ra.fill(c, &more, vec![(id(20), piece(vec![1; 50]))]);
+        c.fill(vec![(id(20), piece(vec![1; 50]))]);
         for id in &ids[6..] {
             assert_eq!(ra.take(id).unwrap().into_vec(), vec![5u8; 10]);
         }
@@ -449,14 +490,10 @@ mod tests {
         let ids = [id(1), id(2), id(3)];
         let c = ra.claim(&ids, |_| 30);
         assert_eq!(c.chunks, 3);
-        ra.fill(
-            c,
-            &ids,
-            vec![
-                (id(2), Piece::of(&buf, 10..20)),
-                (id(3), Piece::of(&buf, 20..30)),
-            ],
-        );
+        c.fill(vec![
+            (id(2), Piece::of(&buf, 10..20)),
+            (id(3), Piece::of(&buf, 20..30)),
+        ]);
         // The buffer counts whole while a piece of it waits.
         assert_eq!(ra.lock().bytes, 30);
         let two = ra.take(&id(2)).unwrap();
