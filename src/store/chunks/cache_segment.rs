@@ -56,15 +56,17 @@ pub fn record_len(body_len: usize) -> u64 {
     HEADER_LEN + body_len as u64
 }
 
-/// Write a record at `at`; the body's slot.
+/// Write a record at `at`; the body's slot. Header and body are two
+/// writes, not a copy of the body: a record cut between them is one cut
+/// short.
 pub fn append(file: &File, seq: u64, at: u64, id: &ChunkId, body: &[u8]) -> io::Result<Slot> {
     let len = u32::try_from(body.len()).map_err(|_| io::Error::other("chunk too large"))?;
-    let mut record = Vec::with_capacity(record_len(body.len()) as usize);
-    record.extend_from_slice(&MAGIC);
-    record.extend_from_slice(&len.to_le_bytes());
-    record.extend_from_slice(&id.0);
-    record.extend_from_slice(body);
-    file.write_all_at(&record, at)?;
+    let mut header = [0u8; HEADER_LEN as usize];
+    header[..4].copy_from_slice(&MAGIC);
+    header[4..8].copy_from_slice(&len.to_le_bytes());
+    header[8..].copy_from_slice(&id.0);
+    file.write_all_at(&header, at)?;
+    file.write_all_at(body, at + HEADER_LEN)?;
     Ok(Slot {
         segment: seq,
         offset: at + HEADER_LEN,

@@ -525,10 +525,8 @@ impl ObjectChunks {
             Ok(Some(b)) => Arc::new(b),
             other => {
                 drop(claim);
-                return match other {
-                    Ok(_) => Ok(None),
-                    Err(e) => Err(e),
-                };
+                // The pack is gone (`None`), or the request failed.
+                return other.map(|_| None);
             }
         };
         let piece = |e: &PackEntry| {

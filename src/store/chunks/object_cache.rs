@@ -191,7 +191,8 @@ impl ObjectCache {
     }
 
     /// Bytes the cache holds now, as far as this process knows.
-    pub fn used(&self) -> u64 {
+    #[cfg(test)]
+    fn used(&self) -> u64 {
         self.shared.state().used
     }
 }

@@ -94,12 +94,6 @@ struct State {
     loading: HashSet<ChunkId>,
     /// Windows being fetched (their bytes count in `bytes`).
     fetching: usize,
-    /// Claims waiting for room, by ticket: they go in the order they came,
-    /// so that a reader's windows start where it asked first (woken in
-    /// any order, a later chunk's window would be fetched first, and the
-    /// chunks before it in the pack by windows of their own).
-    waiting: VecDeque<u64>,
-    tickets: u64,
     /// Chunks handed to readers lately, oldest first, and as a set.
     served: VecDeque<ChunkId>,
     served_set: HashSet<ChunkId>,
@@ -168,17 +162,17 @@ impl State {
     }
 
     /// Copy the pieces that wait of buffers mostly read out of them, so
-    /// that those buffers go; whether any did. A window's chunks are not
+    /// that those buffers go. A window's chunks are not
     /// all read soon: the chunks of an incremental's pack lie all over
     /// the image, and its buffer would hold the budget until the reader
     /// is past the last of them.
-    fn compact(&mut self) -> bool {
+    fn compact(&mut self) {
         let sparse: HashSet<usize> = (self.held.iter())
             .filter(|(_, h)| h.bytes * 2 <= h.len)
             .map(|(buf, _)| *buf)
             .collect();
         if sparse.is_empty() {
-            return false;
+            return;
         }
         let ids: Vec<ChunkId> = (self.ready.iter())
             .filter(|(_, p)| sparse.contains(&p.buffer()))
@@ -192,7 +186,6 @@ impl State {
                 self.ready.insert(id, own);
             }
         }
-        true
     }
 
     /// Bring the bytes held down to `budget` less `room`: sparse buffers
@@ -287,15 +280,12 @@ impl ReadAhead {
 
     /// Claim the chunks a window will bring: the longest prefix of `ids`
     /// that nobody holds or fetches, and room in the budget for the
-    /// `span(n)` bytes that bring the first `n` of them (dropping the
-    /// oldest chunks ready, else waiting for windows on their way). 0
+    /// `span(n)` bytes that bring the first `n` of them (see
+    /// `make_room`, else waiting for windows on their way). 0
     /// chunks means the first is on its way or ready already:
     /// [`take`](Self::take) it.
     pub fn claim<'a>(&'a self, ids: &'a [ChunkId], span: impl Fn(usize) -> usize) -> Claim<'a> {
         let mut st = self.lock();
-        let ticket = st.tickets;
-        st.tickets += 1;
-        st.waiting.push_back(ticket);
         let (chunks, bytes) = loop {
             let n = ids
                 .iter()
@@ -304,22 +294,16 @@ impl ReadAhead {
             if n == 0 {
                 break (0, 0);
             }
-            if st.waiting.front() == Some(&ticket) {
-                let bytes = span(n);
-                st.make_room(self.budget, bytes);
-                if st.bytes + bytes <= self.budget || st.fetching == 0 {
-                    st.loading.extend(&ids[..n]);
-                    st.bytes += bytes;
-                    st.fetching += 1;
-                    break (n, bytes);
-                }
+            let bytes = span(n);
+            st.make_room(self.budget, bytes);
+            if st.bytes + bytes <= self.budget || st.fetching == 0 {
+                st.loading.extend(&ids[..n]);
+                st.bytes += bytes;
+                st.fetching += 1;
+                break (n, bytes);
             }
             st = self.arrived.wait(st).unwrap_or_else(|e| e.into_inner());
         };
-        st.waiting.retain(|t| *t != ticket);
-        drop(st);
-        // The next in line may go now.
-        self.arrived.notify_all();
         Claim {
             ahead: self,
             ids,
